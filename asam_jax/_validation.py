@@ -1,0 +1,87 @@
+"""Checks that turn bad hyperparameters into clear errors instead of NaNs."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def check_p(p: Any) -> float:
+  """Returns ``p`` as a float after checking that it names an l_p ball.
+
+  Args:
+    p: the norm of the perturbation ball: a real number >= 1, or ``inf``.
+
+  Returns:
+    ``float(p)``.
+
+  Raises:
+    TypeError: ``p`` is not a real number.
+    ValueError: ``p`` is NaN or smaller than 1.
+  """
+  if isinstance(p, jax.core.Tracer):
+    raise TypeError(
+      "p is traced, but it picks the formula and must be static. "
+      "optax.inject_hyperparams injects every numeric argument, p included: "
+      "build with optax.inject_hyperparams(asam_jax.sam, static_args=('p',))."
+    )
+  if isinstance(p, (jax.Array, np.ndarray)) and p.shape == ():
+    p = p.item()
+  if isinstance(p, bool) or not isinstance(p, (int, float, np.integer, np.floating)):
+    raise TypeError(f"p must be a real number >= 1 or float('inf'), got {p!r}.")
+  p = float(p)
+  if math.isnan(p) or p < 1:
+    raise ValueError(
+      f"p must be >= 1, got {p}: the perturbation ball ||T^-1 eps||_p <= rho "
+      "is only convex for p >= 1. Use p=2 (SAM/ASAM) or p=float('inf')."
+    )
+  return p
+
+
+def check_nonnegative(name: str, value: Any) -> None:
+  """Checks a hyperparameter that is a float, a concrete array or a schedule.
+
+  Traced values (e.g. the ones ``optax.inject_hyperparams`` feeds in under
+  ``jit``) cannot be inspected and pass through; they were checked when the
+  transformation was built outside ``jit``.
+
+  Args:
+    name: the hyperparameter's name, for the error message.
+    value: a number, a scalar array, or a schedule ``count -> value``.
+
+  Raises:
+    TypeError: ``value`` is not a scalar.
+    ValueError: ``value`` is negative or not finite.
+  """
+  if callable(value):
+    try:
+      value = value(jnp.zeros([], jnp.int32))
+    except Exception as e:
+      raise TypeError(
+        f"{name} is callable, so it must be an optax schedule: a function "
+        f"of the step count. Calling it with count=0 failed: {e}"
+      ) from e
+    name = f"{name}(0), the schedule's first value,"
+  if isinstance(value, jax.core.Tracer):
+    return
+  array = np.asarray(value)
+  if array.shape != () or not np.issubdtype(array.dtype, np.number):
+    raise TypeError(f"{name} must be a real scalar, got {value!r}.")
+  if not np.isfinite(array) or array < 0:
+    raise ValueError(f"{name} must be finite and >= 0, got {array.item()}.")
+
+
+def check_positive(name: str, value: Any) -> None:
+  """Checks a static, strictly positive and finite float such as ``eps``."""
+  if callable(value):
+    raise TypeError(f"{name} must be a number, not a schedule, got {value!r}.")
+  check_nonnegative(name, value)
+  if not isinstance(value, jax.core.Tracer) and np.asarray(value) <= 0:
+    raise ValueError(
+      f"{name} must be > 0, got {value}: it guards the division by the "
+      "gradient norm, so 0 would give NaN on a zero gradient."
+    )
