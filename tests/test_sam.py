@@ -1,0 +1,482 @@
+"""sam and asam as optax transformations, against float64 NumPy references."""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import reference
+
+import asam_jax
+
+# --- a least-squares model whose gradient NumPy computes in closed form ------
+
+RNG = np.random.default_rng(0)
+X = RNG.normal(size=(32, 5))
+Y = RNG.normal(size=(32, 3))
+W0 = {"b": RNG.normal(size=3), "w": RNG.normal(size=(5, 3))}  # leaves in jax's (sorted) order
+
+
+def ls_loss(params, x, y):
+  r = x @ params["w"] + params["b"] - y
+  return 0.5 * jnp.mean(jnp.sum(r**2, axis=-1))
+
+
+def ls_loss64(w, x, y):
+  r = x @ w["w"] + w["b"] - y
+  return 0.5 * np.mean(np.sum(r**2, axis=-1))
+
+
+def ls_grad64(w, x, y):
+  r = x @ w["w"] + w["b"] - y
+  return {"b": r.mean(0), "w": x.T @ r / len(x)}
+
+
+def sam_grad64(w, x, y, *, rho, eta=0.0, adaptive=False, adaptive_flags=None, p=2.0, g=None):
+  """The SAM/ASAM gradient grad L(w + eps) and eps, all in float64."""
+  g = ls_grad64(w, x, y) if g is None else g
+  flags = [adaptive] * 2 if adaptive_flags is None else adaptive_flags
+  e = reference.perturbation(
+    [g["b"], g["w"]], [w["b"], w["w"]], rho=rho, eta=eta, adaptive=flags, p=p
+  )
+  wp = {"b": w["b"] + e[0], "w": w["w"] + e[1]}
+  return ls_grad64(wp, x, y), {"b": e[0], "w": e[1]}, ls_loss64(wp, x, y)
+
+
+def f32(tree):
+  return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), tree)
+
+
+def assert_close(got, want, rtol=2e-5, atol=1e-6):
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(a, np.float64), b, rtol=rtol, atol=atol)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def one_update(tx, params, x, y):
+  """One tx.update from a fresh state, as a user would call it."""
+  loss_fn = lambda p: ls_loss(p, x, y)
+  state = tx.init(params)
+  grads = jax.grad(loss_fn)(params)
+  return tx.update(grads, state, params, loss_fn=loss_fn)
+
+
+METHODS = {
+  "sam": (lambda: asam_jax.sam(rho=0.2), dict(rho=0.2)),
+  "sam_pinf": (lambda: asam_jax.sam(rho=0.05, p=float("inf")), dict(rho=0.05, p=np.inf)),
+  "asam": (lambda: asam_jax.asam(rho=0.5, eta=0.01), dict(rho=0.5, eta=0.01, adaptive=True)),
+  "asam_p3": (
+    lambda: asam_jax.asam(rho=0.5, eta=0.01, p=3),
+    dict(rho=0.5, eta=0.01, adaptive=True, p=3.0),
+  ),
+  "asam_kernels": (
+    lambda: asam_jax.asam(rho=0.5, eta=0.01, adaptive_mask=asam_jax.kernel_mask),
+    dict(rho=0.5, eta=0.01, adaptive_flags=[False, True]),
+  ),
+}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_update_is_gradient_at_perturbed_weights(method):
+  make, ref_kwargs = METHODS[method]
+  grads, state = one_update(make(), f32(W0), X, Y)
+  want, e, perturbed_loss = sam_grad64(W0, X, Y, **ref_kwargs)
+  assert_close(grads, want)
+  np.testing.assert_allclose(state.perturbed_loss, perturbed_loss, rtol=1e-5)
+  np.testing.assert_allclose(
+    state.perturbation_norm, np.sqrt(sum(np.sum(v**2) for v in e.values())), rtol=1e-5
+  )
+  assert int(state.count) == 1
+
+
+BASE_OPTIMIZERS = {
+  "sgd_momentum_wd": optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.1, momentum=0.9)),
+  "adam_clip": optax.chain(optax.clip_by_global_norm(0.5), optax.adam(1e-2)),
+  "adamw": optax.adamw(1e-2, weight_decay=1e-2),
+}
+
+
+@pytest.mark.parametrize("base", BASE_OPTIMIZERS)
+def test_chain_feeds_the_sam_gradient_to_any_optimizer(base):
+  """chain(asam, opt) is opt applied to the reference ASAM gradient, over 3 steps."""
+  opt = BASE_OPTIMIZERS[base]
+  tx = optax.chain(asam_jax.asam(rho=0.5, eta=0.01), opt)
+
+  @jax.jit
+  def step(params, state):
+    loss_fn = lambda p: ls_loss(p, X, Y)
+    updates, state = tx.update(jax.grad(loss_fn)(params), state, params, loss_fn=loss_fn)
+    return optax.apply_updates(params, updates), state
+
+  params, state = f32(W0), tx.init(f32(W0))
+  ref_params, ref_state = f32(W0), opt.init(f32(W0))
+  for _ in range(3):
+    params, state = step(params, state)
+    w64 = jax.tree.map(lambda a: np.asarray(a, np.float64), ref_params)
+    g_adv = f32(sam_grad64(w64, X, Y, rho=0.5, eta=0.01, adaptive=True)[0])
+    updates, ref_state = opt.update(g_adv, ref_state, ref_params)
+    ref_params = optax.apply_updates(ref_params, updates)
+  chex.assert_trees_all_close(params, ref_params, rtol=1e-5, atol=1e-6)
+
+
+# --- a jit-compiled training loop ----------------------------------------------
+
+
+def mlp_init(key, sizes):
+  keys = jax.random.split(key, len(sizes) - 1)
+  return [
+    {"w": jax.random.normal(k, (m, n)) * jnp.sqrt(2.0 / m), "b": jnp.zeros(n)}
+    for k, m, n in zip(keys, sizes[:-1], sizes[1:])
+  ]
+
+
+def mlp_apply(params, x):
+  for layer in params[:-1]:
+    x = jax.nn.relu(x @ layer["w"] + layer["b"])
+  return x @ params[-1]["w"] + params[-1]["b"]
+
+
+def xent(params, x, labels):
+  return optax.softmax_cross_entropy_with_integer_labels(mlp_apply(params, x), labels).mean()
+
+
+def spirals(n, key):
+  t = jax.random.uniform(key, (n,)) * 3 * jnp.pi
+  labels = (jnp.arange(n) % 2).astype(jnp.int32)
+  r = t / (3 * jnp.pi) + 0.1
+  angle = t + jnp.pi * labels
+  return jnp.stack([r * jnp.cos(angle), r * jnp.sin(angle)], 1), labels
+
+
+def train(tx, params, x, labels, steps):
+  def body(carry, _):
+    params, state = carry
+    loss_fn = lambda p: xent(p, x, labels)
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, state = tx.update(grads, state, params, loss_fn=loss_fn)
+    return (optax.apply_updates(params, updates), state), loss
+
+  (params, state), losses = jax.lax.scan(body, (params, tx.init(params)), None, length=steps)
+  return params, state, losses
+
+
+def test_jitted_training_loop_reaches_low_loss():
+  x, labels = spirals(256, jax.random.key(1))
+  params = mlp_init(jax.random.key(0), [2, 64, 64, 2])
+  tx = optax.chain(asam_jax.asam(rho=0.5, eta=0.01), optax.sgd(0.1, momentum=0.9))
+  params, state, losses = jax.jit(train, static_argnums=(0, 4))(tx, params, x, labels, 1500)
+  accuracy = jnp.mean(jnp.argmax(mlp_apply(params, x), -1) == labels)
+  assert losses[0] > 0.6 and losses[-1] < 0.1, (losses[0], losses[-1])
+  assert accuracy > 0.97
+  assert int(state[0].count) == 1500 and float(state[0].perturbed_loss) >= float(losses[-1])
+
+
+def test_rho_zero_reproduces_the_base_trajectory():
+  x, labels = spirals(64, jax.random.key(1))
+  params = mlp_init(jax.random.key(0), [2, 16, 2])
+  base = optax.sgd(0.1, momentum=0.9)
+  run = jax.jit(train, static_argnums=(0, 4))
+  with_sam, _, _ = run(optax.chain(asam_jax.sam(rho=0.0), base), params, x, labels, 20)
+  plain, _, _ = run(base, params, x, labels, 20)
+  chex.assert_trees_all_close(with_sam, plain, rtol=1e-6, atol=1e-7)
+  with_asam, _, _ = run(optax.chain(asam_jax.asam(rho=0.0), base), params, x, labels, 20)
+  chex.assert_trees_all_close(with_asam, plain, rtol=1e-6, atol=1e-7)
+
+
+# --- schedules and run-time hyperparameters -----------------------------------
+
+
+def _norms_over_steps(tx, steps):
+  @jax.jit
+  def step(params, state):
+    loss_fn = lambda p: ls_loss(p, X, Y)
+    updates, state = tx.update(jax.grad(loss_fn)(params), state, params, loss_fn=loss_fn)
+    return optax.apply_updates(params, updates), state
+
+  params, state, norms = f32(W0), tx.init(f32(W0)), []
+  for _ in range(steps):
+    params, state = step(params, state)
+    norms.append(float(state[0].perturbation_norm))
+  return np.array(norms)
+
+
+def test_rho_schedule_advances_every_update():
+  schedule = optax.linear_schedule(0.2, 0.0, transition_steps=4)
+  norms = _norms_over_steps(optax.chain(asam_jax.sam(rho=schedule), optax.sgd(0.01)), 6)
+  # For SAM ||eps||_2 = rho exactly, so the norms trace the schedule.
+  np.testing.assert_allclose(norms, [0.2, 0.15, 0.1, 0.05, 0.0, 0.0], atol=1e-6)
+
+
+def test_eta_schedule_advances_every_update():
+  tx = asam_jax.asam(rho=0.5, eta=optax.linear_schedule(0.0, 1.0, transition_steps=1))
+  params = f32(W0)
+  state = tx.init(params)
+  loss_fn = lambda p: ls_loss(p, X, Y)
+  grads = jax.grad(loss_fn)(params)
+  for eta in (0.0, 1.0):
+    updates, state = tx.update(grads, state, params, loss_fn=loss_fn)
+    assert_close(updates, sam_grad64(W0, X, Y, rho=0.5, eta=eta, adaptive=True)[0], rtol=5e-5)
+
+
+def test_inject_hyperparams_changes_rho_at_run_time():
+  # p picks the formula, so it stays static; without static_args the error says so.
+  with pytest.raises(TypeError, match=r"static_args=\('p',\)"):
+    one_update(optax.inject_hyperparams(asam_jax.sam)(rho=0.2), f32(W0), X, Y)
+  tx = optax.chain(
+    optax.inject_hyperparams(asam_jax.sam, static_args=("p",))(rho=0.2), optax.sgd(0.01)
+  )
+
+  @jax.jit
+  def step(params, state):
+    loss_fn = lambda p: ls_loss(p, X, Y)
+    updates, state = tx.update(jax.grad(loss_fn)(params), state, params, loss_fn=loss_fn)
+    return optax.apply_updates(params, updates), state
+
+  params, state = f32(W0), tx.init(f32(W0))
+  params, state = step(params, state)
+  np.testing.assert_allclose(state[0].inner_state.perturbation_norm, 0.2, rtol=1e-6)
+  state[0].hyperparams["rho"] = jnp.asarray(0.03)
+  params, state = step(params, state)
+  np.testing.assert_allclose(state[0].inner_state.perturbation_norm, 0.03, rtol=1e-6)
+
+
+def test_apply_if_finite_after_sam_skips_a_nan_perturbed_gradient():
+  # -sqrt(w) pushes eps towards 0, and a large rho crosses it: grad L(w + eps) = NaN.
+  loss_fn = lambda p: -jnp.sum(jnp.sqrt(p["w"]))
+  params = {"w": jnp.array([0.05, 1.0])}
+  tx = optax.chain(
+    asam_jax.sam(rho=0.5), optax.apply_if_finite(optax.sgd(0.1), max_consecutive_errors=3)
+  )
+  state = tx.init(params)
+  updates, state = tx.update(jax.grad(loss_fn)(params), state, params, loss_fn=loss_fn)
+  assert np.isnan(state[0].perturbed_loss)
+  chex.assert_trees_all_equal(updates, {"w": jnp.zeros(2)})
+  assert int(state[1].total_notfinite) == 1
+
+
+# --- gradient accumulation ------------------------------------------------------
+
+
+def test_gradient_accumulation_sam_before_multisteps():
+  """chain(sam, MultiSteps(opt)) averages one SAM gradient per micro-batch."""
+  k, rho, lr = 4, 0.2, 0.1
+  micro = [(X[i::k], Y[i::k]) for i in range(k)]
+  right = optax.chain(
+    asam_jax.sam(rho=rho), optax.MultiSteps(optax.sgd(lr), k).gradient_transformation()
+  )
+  wrong = optax.MultiSteps(optax.chain(asam_jax.sam(rho=rho), optax.sgd(lr)), k)
+
+  def run(tx):
+    params, state = f32(W0), tx.init(f32(W0))
+    for x, y in micro:
+      loss_fn = lambda p, x=x, y=y: ls_loss(p, x, y)
+      updates, state = tx.update(jax.grad(loss_fn)(params), state, params, loss_fn=loss_fn)
+      params = optax.apply_updates(params, updates)
+    return params
+
+  mean_sam = jax.tree.map(
+    lambda *g: np.mean(g, 0), *[sam_grad64(W0, x, y, rho=rho)[0] for x, y in micro]
+  )
+  expected = jax.tree.map(lambda w, g: w - lr * g, W0, mean_sam)
+  assert_close(run(right), expected)
+  # MultiSteps(chain(sam, opt)) perturbs with the accumulated clean gradient but
+  # evaluates only the last micro-batch at the perturbed weights.
+  mean_clean = jax.tree.map(lambda *g: np.mean(g, 0), *[ls_grad64(W0, x, y) for x, y in micro])
+  last_only = sam_grad64(W0, *micro[-1], rho=rho, g=mean_clean)[0]
+  got_wrong = run(wrong)
+  assert_close(got_wrong, jax.tree.map(lambda w, g: w - lr * g, W0, last_only))
+  assert not np.allclose(np.asarray(got_wrong["w"]), expected["w"], rtol=1e-3)
+
+
+# --- has_aux and the state ------------------------------------------------------
+
+
+def test_has_aux_drops_the_perturbed_aux():
+  def loss_with_aux(p):
+    return ls_loss(p, X, Y), {"mean_w": jnp.mean(p["w"])}
+
+  params = f32(W0)
+  tx = asam_jax.sam(rho=0.2, has_aux=True)
+  (_, aux), grads = jax.value_and_grad(loss_with_aux, has_aux=True)(params)
+  updates, _ = tx.update(grads, tx.init(params), params, loss_fn=loss_with_aux)
+  assert_close(updates, sam_grad64(W0, X, Y, rho=0.2)[0])
+  np.testing.assert_allclose(aux["mean_w"], np.mean(W0["w"]), rtol=1e-6)
+
+
+def test_state_is_a_pytree_that_jits_and_restores():
+  tx = asam_jax.asam()
+  state = tx.init(f32(W0))
+  assert isinstance(state, asam_jax.SAMState)
+  leaves, treedef = jax.tree.flatten(state)
+  assert len(leaves) == 3
+  restored = jax.tree.unflatten(treedef, [np.asarray(x) for x in leaves])
+  _, after = one_update(tx, f32(W0), X, Y)
+  chex.assert_trees_all_equal_shapes_and_dtypes(jax.tree.map(jnp.asarray, restored), after)
+
+
+# --- bad input ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+  "make, error, match",
+  [
+    (lambda: asam_jax.sam(rho=-1.0), ValueError, "rho must be finite and >= 0"),
+    (lambda: asam_jax.asam(eta=float("inf")), ValueError, "eta must be finite"),
+    (lambda: asam_jax.asam(p=0.5), ValueError, "p must be >= 1"),
+    (
+      lambda: asam_jax.sam(rho=optax.linear_schedule(-1.0, 0.0, 10)),
+      ValueError,
+      r"rho\(0\), the schedule's first value",
+    ),
+    (lambda: asam_jax.sam(sync_perturbation=True), ValueError, "needs axis_name"),
+    (lambda: asam_jax.sam(eps=0.0), ValueError, "eps must be > 0"),
+  ],
+)
+def test_bad_hyperparameters_fail_at_construction(make, error, match):
+  with pytest.raises(error, match=match):
+    make()
+
+
+def test_bad_calls_fail_with_instructions():
+  params = f32(W0)
+  grads = jax.tree.map(jnp.ones_like, params)
+  tx = asam_jax.sam()
+  state = tx.init(params)
+  with pytest.raises(TypeError, match=r"loss_fn=lambda p: loss\(p, batch\)"):
+    tx.update(grads, state, params)
+  with pytest.raises(ValueError, match="needs params"):
+    tx.update(grads, state, loss_fn=lambda p: 0.0)
+  with pytest.raises(TypeError, match=r"scalar float loss, got shape \(32,\).*\.mean\(\)"):
+    tx.update(grads, state, params, loss_fn=lambda p: jnp.sum((X @ p["w"]) ** 2, -1))
+  with pytest.raises(TypeError, match="has_aux=True"):
+    tx.update(grads, state, params, loss_fn=lambda p: (ls_loss(p, X, Y), None))
+  with pytest.raises(TypeError, match=r"needs loss_fn to return \(loss, aux\)"):
+    asam_jax.sam(has_aux=True).update(grads, state, params, loss_fn=lambda p: ls_loss(p, X, Y))
+  with pytest.raises(ValueError, match="adaptive_mask must be a pytree of bools"):
+    asam_jax.asam(adaptive_mask={"w": True}).init(params)
+  with pytest.raises(ValueError, match="perturb_mask must be a pytree of bools"):
+    asam_jax.sam(perturb_mask=[True]).init(params)
+
+
+# --- scale invariance (the EPFL report's experiment) ------------------------------
+
+
+def rescale(params, key, low=0.5, high=1.5):
+  """A random positive per-neuron rescaling that leaves a ReLU MLP's function unchanged.
+
+  Each hidden neuron's incoming weights and bias are multiplied by a > 0 and its
+  outgoing weights divided by a.
+  """
+  params = [dict(layer) for layer in params]
+  for i, k in enumerate(jax.random.split(key, len(params) - 1)):
+    a = jax.random.uniform(k, params[i]["b"].shape, minval=low, maxval=high)
+    params[i]["w"] = params[i]["w"] * a
+    params[i]["b"] = params[i]["b"] * a
+    params[i + 1]["w"] = params[i + 1]["w"] / a[:, None]
+  return params
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def perturbed_loss(tx, params, x, labels):
+  loss_fn = lambda p: xent(p, x, labels)
+  _, state = tx.update(jax.grad(loss_fn)(params), tx.init(params), params, loss_fn=loss_fn)
+  return loss_fn(params), state.perturbed_loss
+
+
+def test_asam_perturbed_loss_is_invariant_to_neuron_rescaling():
+  key_data, key_init, key_bias = jax.random.split(jax.random.key(3), 3)
+  x = jax.random.normal(key_data, (64, 4))
+  labels = jnp.arange(64) % 3
+  params = mlp_init(key_init, [4, 16, 16, 3])
+  params = [
+    dict(layer, b=0.1 * jax.random.normal(k, layer["b"].shape))
+    for k, layer in zip(jax.random.split(key_bias, 3), params)
+  ]
+  variants = [params] + [rescale(params, k) for k in jax.random.split(jax.random.key(4), 5)]
+
+  def spread(tx):
+    clean, perturbed = zip(*(perturbed_loss(tx, v, x, labels) for v in variants))
+    np.testing.assert_allclose(clean, clean[0], rtol=2e-6)  # the function is unchanged
+    perturbed = np.array(perturbed)
+    return np.ptp(perturbed) / perturbed.mean()
+
+  assert spread(asam_jax.asam(rho=0.5, eta=0.0)) < 1e-5
+  assert spread(asam_jax.sam(rho=0.5)) > 1e-2
+  # The official code's kernels-only T_w is not invariant once biases are rescaled.
+  assert spread(asam_jax.asam(rho=0.5, eta=0.0, adaptive_mask=asam_jax.kernel_mask)) > 1e-3
+
+
+# --- pmap: one perturbation per device (m-sharpness) ----------------------------------
+
+
+@pytest.mark.parametrize("sync", [False, True])
+def test_pmap_msam_matches_per_device_reference(sync):
+  n = jax.local_device_count()
+  assert n == 4, "conftest.py forces 4 host devices"
+  xs, ys = X.reshape(n, -1, 5), Y.reshape(n, -1, 3)
+  tx = asam_jax.sam(rho=0.2, axis_name="devices", sync_perturbation=sync)
+
+  @functools.partial(jax.pmap, axis_name="devices", in_axes=(None, 0, 0))
+  def step(params, x, y):
+    loss_fn = lambda p: ls_loss(p, x, y)
+    return tx.update(jax.grad(loss_fn)(params), tx.init(params), params, loss_fn=loss_fn)
+
+  grads, state = step(f32(W0), xs, ys)
+  mean_clean = jax.tree.map(
+    lambda *g: np.mean(g, 0), *[ls_grad64(W0, x, y) for x, y in zip(xs, ys)]
+  )
+  per_device = [
+    sam_grad64(W0, x, y, rho=0.2, g=mean_clean if sync else None) for x, y in zip(xs, ys)
+  ]
+  want = jax.tree.map(lambda *g: np.mean(g, 0), *[d[0] for d in per_device])
+  for device_grads in [jax.tree.map(lambda a, i=i: a[i], grads) for i in range(n)]:
+    assert_close(device_grads, want)  # every device returns the same averaged gradient
+  np.testing.assert_allclose(state.perturbed_loss, np.mean([d[2] for d in per_device]), rtol=1e-5)
+  np.testing.assert_allclose(state.perturbation_norm, 0.2, rtol=1e-5)
+  if not sync:  # mSAM differs from global SAM on the same data
+    global_sam = sam_grad64(W0, X, Y, rho=0.2)[0]
+    assert not np.allclose(want["w"], global_sam["w"], rtol=1e-4)
+
+
+# --- what optax.contrib.sam gets wrong, and we do not ---------------------------------
+
+
+def test_zero_gradient_is_finite_where_optax_contrib_sam_gives_nan():
+  params = f32(W0)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  loss_fn = lambda p: ls_loss(p, X, Y)
+  for tx in (asam_jax.sam(), asam_jax.asam(eta=0.0)):
+    updates, _ = tx.update(zeros, tx.init(params), params, loss_fn=loss_fn)
+    assert_close(updates, ls_grad64(W0, X, Y))  # eps = 0: the clean gradient
+  # optax's documented adversarial step, normalize() then sgd(rho), divides by 0.
+  theirs = optax.contrib.sam(
+    optax.sgd(0.1), optax.chain(optax.contrib.normalize(), optax.sgd(0.05)), opaque_mode=True
+  )
+  updates, _ = theirs.update(
+    zeros, theirs.init(params), params, grad_fn=lambda p, _: jax.grad(loss_fn)(p)
+  )
+  assert np.isnan(np.asarray(updates["w"])).all()
+
+
+def test_rho_schedule_moves_where_optax_contrib_sam_freezes_it():
+  schedule = optax.linear_schedule(0.2, 0.0, transition_steps=4)
+  ours = _norms_over_steps(optax.chain(asam_jax.sam(rho=schedule), optax.sgd(0.01)), 3)
+  assert ours[0] > ours[1] > ours[2]
+  # optax's adversarial step is sgd(rho) on the normalized gradient, and its state
+  # is reset every step, so the radius never leaves the schedule's first value.
+  theirs = optax.contrib.sam(
+    optax.sgd(0.01), optax.chain(optax.contrib.normalize(), optax.sgd(schedule)), opaque_mode=True
+  )
+  params, state, radii = f32(W0), theirs.init(f32(W0)), []
+
+  def grad_fn(adversarial_params, _):
+    radii.append(float(optax.tree.norm(optax.tree.sub(adversarial_params, params))))
+    return jax.grad(ls_loss)(adversarial_params, X, Y)
+
+  for _ in range(3):
+    updates, state = theirs.update(jax.grad(ls_loss)(params, X, Y), state, params, grad_fn=grad_fn)
+    params = optax.apply_updates(params, updates)
+  np.testing.assert_allclose(radii, [0.2, 0.2, 0.2], rtol=1e-5)
