@@ -10,5 +10,8 @@ os.environ["XLA_FLAGS"] = (
 from hypothesis import settings
 
 # jax compiles on first use of each shape, so wall-clock deadlines are meaningless.
-settings.register_profile("asam_jax", deadline=None, print_blob=True)
-settings.load_profile("asam_jax")
+# CI runs a fixed set of examples; HYPOTHESIS_PROFILE=stress searches far wider.
+settings.register_profile("dev", max_examples=60, deadline=None, print_blob=True)
+settings.register_profile("ci", settings.get_profile("dev"), derandomize=True)
+settings.register_profile("stress", settings.get_profile("dev"), max_examples=2000)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))

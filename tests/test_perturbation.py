@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference
-from hypothesis import given, settings
+from hypothesis import given
 
 import asam_jax
 
@@ -154,7 +154,6 @@ def _build(spec, rng, zeros):
   return jax.tree.map(leaf, spec)
 
 
-@settings(max_examples=60)
 @given(
   spec=tree_specs,
   seed=st.integers(0, 2**31 - 1),
