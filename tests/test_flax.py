@@ -233,3 +233,41 @@ def test_resumed_run_follows_the_uninterrupted_trajectory(tmp_path):
     state = linen_run_step(state)
     jax.tree.map(np.testing.assert_array_equal, state, want)
   assert int(state.opt_state[0].count) == 6
+
+
+def key_data(tree):
+  """Typed PRNG keys as their integer data, which NumPy can compare."""
+  is_key = lambda a: jnp.issubdtype(a.dtype, jax.dtypes.prng_key)
+  return jax.tree.map(lambda a: jax.random.key_data(a) if is_key(a) else a, tree)
+
+
+def test_resumed_nnx_run_follows_the_uninterrupted_trajectory(tmp_path):
+  def fresh():
+    model = NnxNet(nnx.Rngs(params=0, dropout=1))
+    tx = optax.chain(asam_jax.asam(rho=0.5, eta=0.01), optax.sgd(0.05, momentum=0.9))
+    return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  model, optimizer = fresh()
+  checkpointer = ocp.StandardCheckpointer()
+  uninterrupted = []
+  for step in range(5):
+    nnx_step(model, optimizer, X, Y)
+    uninterrupted.append(key_data(nnx.as_pure(nnx.state((model, optimizer)))))
+    if step == 1:
+      checkpointer.save(tmp_path / "step2", nnx.state((model, optimizer)))
+  checkpointer.wait_until_finished()
+
+  # The RNG counts travel with the model, so the resumed run draws the same dropout keys.
+  model, optimizer = fresh()
+  nnx.update(
+    (model, optimizer), checkpointer.restore(tmp_path / "step2", nnx.state((model, optimizer)))
+  )
+  assert isinstance(optimizer.opt_state[0], asam_jax.SAMState)
+  restored = key_data(nnx.as_pure(nnx.state((model, optimizer))))
+  jax.tree.map(np.testing.assert_array_equal, restored, uninterrupted[1])
+  for want in uninterrupted[2:]:
+    nnx_step(model, optimizer, X, Y)
+    jax.tree.map(
+      np.testing.assert_array_equal, key_data(nnx.as_pure(nnx.state((model, optimizer)))), want
+    )
+  assert int(optimizer.opt_state[0].count[...]) == 5
