@@ -38,8 +38,9 @@ class TrainState(train_state.TrainState):
 
   Flax's ``apply_gradients`` calls ``tx.update(grads, opt_state, params)`` and
   has no way to pass the loss closure on. This one takes ``loss_fn`` and gives
-  it to ``tx.update``; everything else (the step count, extra fields replaced
-  through ``**kwargs``) is Flax's own ``apply_gradients``.
+  it to ``tx.update`` (a ``tx`` without extra arguments, such as a bare
+  ``optax.sgd``, ignores it); everything else (the step count, extra fields
+  replaced through ``**kwargs``) is Flax's own ``apply_gradients``.
 
   The train-step pattern: ``loss`` returns ``(loss, new_batch_stats)`` from
   ``apply_fn(..., mutable=['batch_stats'])`` with a fixed dropout key, the
@@ -97,8 +98,10 @@ class TrainState(train_state.TrainState):
       The state after the update, with ``step`` incremented.
     """
     tx = self.tx
-    # tx is a static field, so binding the closure to it is free under jit.
-    bound = optax.GradientTransformation(tx.init, functools.partial(tx.update, loss_fn=loss_fn))
+    # tx is a static field, so binding the closure to it is free under jit. A
+    # plain optimizer (an SGD baseline run through the same train step) ignores it.
+    update = functools.partial(optax.with_extra_args_support(tx).update, loss_fn=loss_fn)
+    bound = optax.GradientTransformation(tx.init, update)
     stepped = train_state.TrainState.apply_gradients(self.replace(tx=bound), grads=grads, **kwargs)
     return stepped.replace(tx=tx)
 

@@ -138,6 +138,14 @@ def test_linen_apply_gradients_needs_the_loss_closure():
     state.apply_gradients(grads=state.params)
 
 
+def test_linen_apply_gradients_lets_a_plain_optimizer_ignore_the_closure():
+  state = linen_state(optax.sgd(0.1))
+  stepped = state.apply_gradients(grads=state.params, loss_fn=None)
+  want = jax.tree.map(lambda w: w - 0.1 * w, state.params)
+  assert_trees_close(stepped.params, want, rtol=1e-6)
+  assert stepped.tx is state.tx and int(stepped.step) == 1
+
+
 # --- NNX: nnx.Optimizer with asam_jax.flax.nnx_value_and_grad -------------------
 
 
