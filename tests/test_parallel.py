@@ -263,3 +263,23 @@ def test_two_processes_match_the_single_process_run(tmp_path):
       np.testing.assert_allclose(got[name], params[name], rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(got["perturbed_loss"], state.perturbed_loss, rtol=1e-6)
     np.testing.assert_allclose(got["perturbation_norm"], state.perturbation_norm, rtol=1e-6)
+
+
+# --- the example ---------------------------------------------------------------------------
+
+
+def test_data_parallel_example_runs_and_its_modes_agree():
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the script sets its own
+  result = subprocess.run(
+    [sys.executable, "-m", "asam_jax.examples.data_parallel", "--steps", "3", "--batch-size", "32"],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=180,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = result.stdout.splitlines()
+  assert lines[0].startswith("4 cpu devices, m = 8 examples"), lines[0]
+  assert sum("test accuracy" in line for line in lines) == 4, result.stdout
+  diffs = [float(line.rsplit(": ", 1)[1]) for line in lines if "weights difference" in line]
+  assert len(diffs) == 2 and max(diffs) < 1e-5, result.stdout
