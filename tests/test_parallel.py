@@ -225,6 +225,7 @@ def test_two_processes_match_the_single_process_run(tmp_path):
   env = dict(
     os.environ,
     XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    NPROC="4",  # spare CPU launch threads, see conftest.py
     PYTHONPATH=os.pathsep.join([str(worker.parent), os.environ.get("PYTHONPATH", "")]),
   )
   port = free_port()

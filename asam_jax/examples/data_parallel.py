@@ -21,9 +21,13 @@ if __name__ == "__main__" and "xla_force_host_platform_device_count" not in os.e
   os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
   ).strip()
+  # Spare launch threads for XLA's CPU client: with only as many threads as
+  # devices (machines with <= 4 cores) collectives can intermittently deadlock.
+  os.environ.setdefault("NPROC", "8")
 
 import argparse
 import functools
+import itertools
 import time
 
 import jax
@@ -36,22 +40,24 @@ from jax.sharding import PartitionSpec as P
 import asam_jax
 
 
-def spirals(key, n, noise=0.08):
+def spirals(rng, n, noise=0.08):
   """Two interleaved noisy spirals, a small task an MLP can overfit."""
-  key_t, key_noise = jax.random.split(key)
-  t = jax.random.uniform(key_t, (n,)) * 3 * jnp.pi
-  labels = (jnp.arange(n) % 2).astype(jnp.int32)
-  r = t / (3 * jnp.pi) + 0.1
-  angle = t + jnp.pi * labels
-  x = jnp.stack([r * jnp.cos(angle), r * jnp.sin(angle)], 1)
-  return x + noise * jax.random.normal(key_noise, x.shape), labels
+  t = rng.uniform(size=n) * 3 * np.pi
+  labels = np.arange(n) % 2
+  r = t / (3 * np.pi) + 0.1
+  angle = t + np.pi * labels
+  x = np.stack([r * np.cos(angle), r * np.sin(angle)], 1) + noise * rng.normal(size=(n, 2))
+  return x.astype(np.float32), labels.astype(np.int32)
 
 
-def init_mlp(key, sizes=(2, 64, 64, 2)):
-  keys = jax.random.split(key, len(sizes) - 1)
+def init_mlp(rng, sizes=(2, 64, 64, 2)):
+  # On the host with NumPy: eager jax ops would each compile on first use.
   return [
-    {"w": jax.random.normal(k, (m, n)) * jnp.sqrt(2.0 / m), "b": jnp.zeros(n)}
-    for k, m, n in zip(keys, sizes[:-1], sizes[1:])
+    {
+      "w": (rng.normal(size=(m, n)) * np.sqrt(2.0 / m)).astype(np.float32),
+      "b": np.zeros(n, np.float32),
+    }
+    for m, n in itertools.pairwise(sizes)
   ]
 
 
@@ -87,7 +93,7 @@ def train_pmap(params, batches, rho, lr, n):
 
   # pmap's classic layout: one copy of params and state per device, which
   # stay equal because update averages over the devices.
-  replicate = lambda tree: jax.tree.map(lambda a: jnp.broadcast_to(a, (n, *a.shape)), tree)
+  replicate = lambda tree: jax.tree.map(lambda a: np.broadcast_to(a, (n, *np.shape(a))), tree)
   params, state = replicate(params), replicate(tx.init(params))
   for batch in batches:
     params, state = step(
@@ -149,12 +155,14 @@ def main(argv=None):
     f"{n} {jax.devices()[0].platform} devices, m = {args.batch_size // n} examples per perturbation"
   )
 
-  key_train, key_test, key_init, key_batches = jax.random.split(jax.random.key(0), 4)
-  x_train, y_train = spirals(key_train, 1024)
-  x_test, y_test = spirals(key_test, 4096)
-  indices = jax.random.randint(key_batches, (args.steps, args.batch_size), 0, len(x_train))
-  batches = [(x_train[i], y_train[i]) for i in indices]
-  params = init_mlp(key_init)
+  rng = np.random.default_rng(0)
+  x_train, y_train = spirals(rng, 1024)
+  x_test, y_test = spirals(rng, 4096)
+  params = init_mlp(rng)
+  # Sampled and sliced on the host, as a data loader would hand them over.
+  batches = [
+    (x_train[i], y_train[i]) for i in rng.integers(0, len(x_train), (args.steps, args.batch_size))
+  ]
 
   runs = {
     "mSAM, pmap": lambda: train_pmap(params, batches, args.rho, args.lr, n),
