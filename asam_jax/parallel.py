@@ -68,9 +68,10 @@ def grouped_update(
   paper's m-sharpness computes on ``num_groups`` accelerators. Everything
   chained after ``sam`` sees the averaged gradient once.
 
-  Inside ``pmap``/``shard_map`` build ``tx`` with both axes,
-  ``sam(axis_name=("devices", "groups"))``, for ``num_groups`` perturbations
-  per device; under ``shard_map`` pass ``to_varying(params, "devices")``.
+  Inside ``pmap`` or ``shard_map(..., check_vma=False)`` build ``tx`` with
+  both axes, ``sam(axis_name=("devices", "groups"))``, for ``num_groups``
+  perturbations per device. (jax 0.10.2 cannot type ``vmap`` collectives under
+  shard_map's default ``check_vma=True``.)
 
   Args:
     tx: the transformation, ``sam``/``asam`` built with ``axis_name`` (first in
