@@ -16,6 +16,8 @@ import chex
 import jax
 import optax
 
+from asam_jax._varying import tracked_axes
+
 
 def split_batch(batch: chex.ArrayTree, num_groups: int) -> chex.ArrayTree:
   """Splits every leaf's leading (batch) axis into ``num_groups`` equal groups.
@@ -106,6 +108,13 @@ def grouped_update(
     Foret et al., Sharpness-Aware Minimization for Efficiently Improving
     Generalization, ICLR 2021, Section 4.1 (m-sharpness).
   """
+  if tracked := tracked_axes(tuple(jax.sharding.get_abstract_mesh().manual_axes)):
+    raise ValueError(
+      f"grouped_update inside shard_map (axes {tracked}) needs check_vma=False: jax "
+      "cannot yet type the vmap collective over the groups under check_vma. With "
+      "check_vma=False jax.grad gives each device's own gradient, so pass params as "
+      "they are."
+    )
   groups = split_batch(batch, num_groups)
 
   def one_group(group):

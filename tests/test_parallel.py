@@ -212,6 +212,13 @@ def test_grouped_update_per_device_under_pmap_and_shard_map():
     )
   )(f32(W0), XS, YS)
   assert_close(grads, want)
+  with pytest.raises(ValueError, match="needs check_vma=False"):
+    jax.shard_map(
+      lambda params, x, y: grouped(tx, 2, params, x, y)[0],
+      mesh=MESH,
+      in_specs=(P(), P("data"), P("data")),
+      out_specs=P(),
+    )(f32(W0), XS, YS)
 
 
 def test_grouped_update_bad_calls_say_how_to_fix():
