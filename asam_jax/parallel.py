@@ -14,6 +14,7 @@ from typing import Any
 
 import chex
 import jax
+import jax.numpy as jnp
 import optax
 
 from asam_jax._varying import tracked_axes
@@ -38,7 +39,7 @@ def split_batch(batch: chex.ArrayTree, num_groups: int) -> chex.ArrayTree:
   if not isinstance(num_groups, int) or num_groups < 1:
     raise ValueError(f"num_groups must be a positive int, got {num_groups!r}.")
   leaves = jax.tree.leaves(batch)
-  sizes = {leaf.shape[0] if leaf.ndim else None for leaf in leaves}
+  sizes = {jnp.shape(leaf)[0] if jnp.ndim(leaf) else None for leaf in leaves}
   if not leaves or len(sizes) != 1 or None in sizes or next(iter(sizes)) % num_groups:
     raise ValueError(
       f"num_groups={num_groups} must divide a batch axis that every leaf shares; got "
