@@ -8,7 +8,18 @@ Example:
 from asam_jax._masks import kernel_mask
 from asam_jax._perturbation import perturbation
 from asam_jax._sam import SAMState, asam, sam
+from asam_jax._varying import to_varying
+from asam_jax.parallel import grouped_update, split_batch
 
 __version__ = "0.1.0"
 
-__all__ = ["SAMState", "asam", "kernel_mask", "perturbation", "sam"]
+__all__ = [
+  "SAMState",
+  "asam",
+  "grouped_update",
+  "kernel_mask",
+  "perturbation",
+  "sam",
+  "split_batch",
+  "to_varying",
+]

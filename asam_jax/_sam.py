@@ -14,6 +14,7 @@ from optax._src import numerics
 from asam_jax import _validation
 from asam_jax._masks import Mask, resolve_mask
 from asam_jax._perturbation import global_norm, perturbation
+from asam_jax._varying import invariant_axes, to_varying
 
 ScalarOrSchedule = float | chex.Array | optax.Schedule
 
@@ -39,6 +40,20 @@ class SAMState(NamedTuple):
   count: chex.Array
   perturbed_loss: chex.Array
   perturbation_norm: chex.Array
+
+
+def _summed_gradient_message(names: tuple[Any, ...]) -> str:
+  name = names[0] if len(names) == 1 else names
+  return (
+    f"The gradient passed to update is invariant over the shard_map axis {name!r}: "
+    "jax.grad with respect to replicated params inside shard_map (check_vma=True) "
+    "returns the gradient already summed over the devices, so each device's own "
+    "gradient, which mSAM perturbs with, is lost and the step would silently be "
+    "global SAM with an n-times gradient. Take the gradient with respect to params "
+    f"cast to varying: grads = jax.grad(loss_fn)(asam_jax.to_varying(params, {name!r})) "
+    f"(that is jax.lax.pcast(params, {name!r}, to='varying')), and pass that local "
+    "gradient; update averages over the axis itself."
+  )
 
 
 def _value_at(value: ScalarOrSchedule, count: chex.Array) -> chex.Numeric:
@@ -113,6 +128,8 @@ def _sharpness_aware(
     if params is None:
       raise ValueError("SAM/ASAM perturb the weights, so update needs params: " + _MISSING_LOSS_FN)
     grads = updates
+    if axis_name is not None and (summed := invariant_axes(grads, axis_name)):
+      raise ValueError(_summed_gradient_message(summed))
     if sync_perturbation:
       grads = jax.lax.pmean(grads, axis_name)
     perturbation_tree = perturbation(
@@ -126,7 +143,12 @@ def _sharpness_aware(
       adaptive_mask=adaptive_mask,
       perturb_mask=perturb_mask,
     )
+    # With replicated params and a synchronized eps, w + eps is invariant, and
+    # shard_map's jax.grad would sum the perturbed gradient instead of giving
+    # this device's.
     perturbed_params = optax.apply_updates(params, perturbation_tree)
+    if axis_name is not None:
+      perturbed_params = to_varying(perturbed_params, axis_name)
     loss, adversarial_grads = jax.value_and_grad(_scalar_loss(loss_fn, has_aux))(perturbed_params)
     stats = (loss.astype(jnp.float32), global_norm(perturbation_tree))
     if axis_name is not None:
@@ -162,9 +184,12 @@ def sam(
     perturb_mask: which leaves are perturbed, a pytree of bools or a callable of
       params (as ``optax.masked`` takes); the rest keep ``eps = 0`` and stay
       out of the norm.
-    axis_name: inside ``pmap``/``shard_map``, the device axis. Each device
-      perturbs with its own gradient (m-sharpness) and the returned gradient
-      is averaged over the axis.
+    axis_name: inside ``pmap``/``shard_map`` (or ``vmap``, see
+      :func:`asam_jax.grouped_update`), the device axis, or a tuple of axes.
+      Each device perturbs with its own gradient (m-sharpness) and the
+      returned gradient is averaged over the axis. Under ``shard_map`` take
+      the gradient with respect to ``asam_jax.to_varying(params, axis_name)``:
+      a gradient already summed over the devices is refused.
     sync_perturbation: with ``axis_name``, average the gradient over the axis
       before perturbing: one global perturbation instead of one per device.
     has_aux: ``loss_fn`` returns ``(loss, aux)``; the perturbed pass's ``aux``

@@ -6,6 +6,13 @@ import os
 os.environ["XLA_FLAGS"] = (
   os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
 ).strip()
+# XLA's CPU client runs device launches on max(NPROC or the core count, devices)
+# threads. With exactly as many threads as devices (any machine with <= 4 cores),
+# a launch waiting for its device's in-flight slot can take the last thread
+# while the other devices wait in a collective: an intermittent deadlock of
+# pmap/shard_map (seen on 2 cores, about 1 run in 2 of 3000 pmap steps).
+# Spare threads avoid it.
+os.environ.setdefault("NPROC", "8")
 
 from hypothesis import settings
 

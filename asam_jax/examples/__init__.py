@@ -1,0 +1,1 @@
+"""Runnable examples: ``python -m asam_jax.examples.<name>``."""
