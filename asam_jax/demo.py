@@ -21,7 +21,6 @@ import argparse
 import functools
 import json
 import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -299,9 +298,16 @@ def train(
 
   init_key, order_key = jax.random.split(jax.random.key(seed))
   params = MODELS[model_name]().init(init_key, x[:1])["params"]
-  opt_state = make_optimizer(
-    method, rho=rho, eta=eta, convention=convention, total_steps=epochs * steps
-  ).init(params)
+  # inject_hyperparams keeps rho and eta in the state, where the shared compiled epoch reads them.
+  tx = make_optimizer(
+    method,
+    rho=rho,
+    eta=eta,
+    convention=convention,
+    learning_rate=learning_rate,
+    total_steps=epochs * steps,
+  )
+  opt_state = tx.init(params)
 
   test_acc, losses, seconds = [], [], []
   for e in range(epochs):
@@ -513,4 +519,4 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-  sys.exit(main() and 0)
+  main()
