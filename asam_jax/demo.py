@@ -478,9 +478,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
   Returns:
     One dict per (model, method, rho): the per-seed curves and timings.
   """
-  args = _parser().parse_args(argv)
-  if args.seeds < 1 or args.epochs < 1:
-    raise SystemExit("--seeds and --epochs must be at least 1.")
+  parser = _parser()
+  args = parser.parse_args(argv)
+  if args.seeds < 1 or args.epochs < 1 or args.batch_size < 1:
+    parser.error("--seeds, --epochs and --batch-size must be at least 1.")
   args.out.mkdir(parents=True, exist_ok=True)
   data = load_mnist1d()
 
