@@ -28,6 +28,7 @@ def test_quick_run_writes_json_and_table(tmp_path):
   report = json.loads((tmp_path / "benchmark.json").read_text())
 
   assert report["quick"] is True
+  assert report["compile_repeats"] == 1
   assert set(report["machine"]) >= {"backend", "device", "cpu_count", "jax", "load_average"}
   assert list(report["workloads"]) == ["mlp"]
   mlp = report["workloads"]["mlp"]
@@ -36,7 +37,7 @@ def test_quick_run_writes_json_and_table(tmp_path):
   assert list(mlp["methods"]) == list(benchmark.METHODS)
   for result in mlp["methods"].values():
     assert len(result["step_ms_rounds"]) == 2
-    for key in ("step_ms", "lower_s", "compile_s"):
+    for key in ("step_ms", "lower_s", "compile_s", "last_loss"):
       assert math.isfinite(result[key])
     memory = result["memory"]
     if memory is not None:  # memory_analysis() is optional per backend
