@@ -36,7 +36,9 @@ def global_norm(tree: Any) -> chex.Array:
 
 
 def _dual_norm(tg: list[chex.Array], q: float) -> chex.Array:
-  """``||T g||_q`` over the leaves in ``tg``, q != 2, safe from under- and overflow."""
+  """``||T g||_q`` over the leaves in ``tg``, safe from under- and overflow."""
+  if q == 2:
+    return global_norm(tg)
   largest = jnp.max(jnp.stack([jnp.max(jnp.abs(x), initial=0) for x in tg]))
   if q == math.inf:
     return largest
@@ -131,9 +133,10 @@ def perturbation_with_norm(
 ) -> tuple[Any, chex.Array]:
   """:func:`perturbation` and its norm ``||eps||_2``, computed in float32 or wider.
 
-  For p = 2 the norm is ``rho ||T^2 g|| / ||T g||``: for SAM it reuses the sum
-  of squares of the dual norm, so it needs no pass over ``eps``. For other p it
-  is summed from ``eps`` before its cast to the leaves' dtype.
+  For p = 2 the unscaled leaves' part of the norm is ``rho ||g|| / ||T g||``
+  from the sums of squares the dual norm has already taken, so SAM's norm
+  needs no pass over ``eps``. The scaled leaves' part is summed from ``eps``
+  before its cast to the leaves' dtype.
 
   Returns:
     ``(eps, ||eps||_2)``; the arguments are those of :func:`perturbation`.
@@ -173,38 +176,37 @@ def perturbation_with_norm(
   if not chosen:
     return treedef.unflatten(out), jnp.zeros([], jnp.float32)
 
-  # T and g in float32 or wider; T is None where it is the identity.
-  ts, gs = [], []
+  # T and T g in float32 or wider; T is None where it is the identity.
+  ts, tgs = [], []
   for _, g, w, s in chosen:
     g = jnp.asarray(g).astype(accumulation_dtype(jnp.asarray(w)))
-    gs.append(g)
-    ts.append(jnp.abs(w).astype(g.dtype) + eta if s else None)
+    t = jnp.abs(w).astype(g.dtype) + eta if s else None
+    ts.append(t)
+    tgs.append(g if t is None else t * g)
 
-  if p == 2:
-    # With u = T^2 g: eps = rho u / ||T g||, ||T g||^2 = sum(g u) and
-    # ||eps|| = rho ||u|| / ||T g||. Every pass reads only u (and g, w), which
-    # XLA fuses into it, so no T or T g is written out and read back. On
-    # unscaled leaves u = g, and XLA merges the two sums of g * g into one.
-    us = [g if t is None else t * (t * g) for t, g in zip(ts, gs)]
-    norm = jnp.maximum(jnp.sqrt(sum(jnp.sum(g * u) for g, u in zip(gs, us))), eps)
-    es = [rho * (u / norm) for u in us]
-    eps_norm = rho * jnp.sqrt(sum(jnp.sum(u * u) for u in us)) / norm
+  if p == math.inf:
+    directions = [jnp.sign(tg) for tg in tgs]
   else:
-    tgs = [g if t is None else t * g for t, g in zip(ts, gs)]
-    if p == math.inf:
-      directions = [jnp.sign(tg) for tg in tgs]
+    q = math.inf if p == 1 else p / (p - 1)
+    norm = jnp.maximum(_dual_norm(tgs, q), eps)
+    if q == 2:
+      directions = [tg / norm for tg in tgs]
+    elif q == math.inf:
+      # p = 1: the maximizer puts all of rho on the largest |T g|, split evenly
+      # over ties so that ||T^-1 eps||_1 = rho still holds.
+      top = [(jnp.abs(tg) == norm) & (tg != 0) for tg in tgs]
+      count = jnp.maximum(sum(jnp.sum(m) for m in top), 1)
+      directions = [jnp.sign(tg) * m / count for tg, m in zip(tgs, top)]
     else:
-      q = math.inf if p == 1 else p / (p - 1)
-      norm = jnp.maximum(_dual_norm(tgs, q), eps)
-      if q == math.inf:
-        # p = 1: the maximizer puts all of rho on the largest |T g|, split evenly
-        # over ties so that ||T^-1 eps||_1 = rho still holds.
-        top = [(jnp.abs(tg) == norm) & (tg != 0) for tg in tgs]
-        count = jnp.maximum(sum(jnp.sum(m) for m in top), 1)
-        directions = [jnp.sign(tg) * m / count for tg, m in zip(tgs, top)]
-      else:
-        directions = [jnp.sign(tg) * (jnp.abs(tg) / norm) ** (q - 1) for tg in tgs]
-    es = [rho * d if t is None else rho * t * d for t, d in zip(ts, directions)]
+      directions = [jnp.sign(tg) * (jnp.abs(tg) / norm) ** (q - 1) for tg in tgs]
+
+  es = [rho * d if t is None else rho * t * d for t, d in zip(ts, directions)]
+  if p == 2:
+    # On unscaled leaves eps = rho g / ||T g||, so their part of ||eps|| is the
+    # dual norm's own sum of squares (XLA merges the two): no pass over eps.
+    unscaled = global_norm([tg for t, tg in zip(ts, tgs) if t is None]) * rho / norm
+    eps_norm = jnp.hypot(unscaled, global_norm([e for t, e in zip(ts, es) if t is not None]))
+  else:
     eps_norm = global_norm(es)
   for (i, _, w, _), e in zip(chosen, es):
     out[i] = e.astype(jnp.result_type(w))
