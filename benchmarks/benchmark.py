@@ -241,6 +241,21 @@ def _tree_bytes(tree) -> int:
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
+def _gradient_temp_bytes(loss, params, batch) -> dict[str, int | None]:
+  """XLA's scratch memory for one gradient, and for two in sequence (no optimizer).
+
+  The difference is what any two-gradient method pays over SGD before its own
+  overhead, since XLA need not reuse the first pass's activation buffers.
+  """
+  grad = jax.grad(loss)
+  two = lambda p, b: grad(jax.tree.map(jnp.add, p, grad(p, b)), b)
+  out = {}
+  for label, fn in (("one_gradient", grad), ("two_gradients", two)):
+    memory = _memory(jax.jit(fn).lower(params, batch).compile())
+    out[f"{label}_temp_bytes"] = memory and memory["temp_bytes"]
+  return out
+
+
 def _timed_run(compiled, start, batch, steps) -> tuple[float, float]:
   """Seconds per step over ``steps`` steps from a copy of ``start``, and the last loss."""
   # A copy, since the step donates its inputs; made before the clock starts.
@@ -308,6 +323,7 @@ def bench_workload(
     "rounds": rounds,
     "methods": results,
     "ratios": _ratios(results, _tree_bytes(params)),
+    **_gradient_temp_bytes(workload.loss, params, batch),
   }
 
 
@@ -328,6 +344,7 @@ def _ratios(results: dict[str, dict[str, Any]], param_bytes: int) -> dict[str, f
   for name in results:
     if name != "sgd":
       ratio(f"compile {name}/sgd", name, "sgd", compile_s)
+  ratio("compile sam/optax_sam", "sam", "optax_sam", compile_s)
   if "sgd" in results and results["sgd"]["memory"]:
     base = results["sgd"]["memory"]["peak_bytes"]
     for name, r in results.items():
@@ -379,6 +396,17 @@ def markdown(report: dict[str, Any]) -> str:
     cells = [w["ratios"].get(label) for w in report["workloads"].values()]
     lines.append(
       f"| {label} | " + " | ".join("" if c is None else f"{c:.2f}" for c in cells) + " |"
+    )
+  lines += [
+    "",
+    "| workload | parameters | parameters (MB) | XLA scratch, one gradient (MB) | two gradients in sequence (MB) |",
+    "|---|---:|---:|---:|---:|",
+  ]
+  for wname, w in report["workloads"].items():
+    one, two = w["one_gradient_temp_bytes"], w["two_gradients_temp_bytes"]
+    lines.append(
+      f"| {wname} | {w['n_params']:,} | {w['param_bytes'] / 1e6:.2f} | "
+      + (f"{one / 1e6:.1f} | {two / 1e6:.1f} |" if one is not None else "n/a | n/a |")
     )
   m = report["machine"]
   lines += [

@@ -35,6 +35,7 @@ def test_quick_run_writes_json_and_table(tmp_path):
   assert mlp["n_params"] == 40 * 128 + 128 + 128 * 128 + 128 + 128 * 10 + 10
   assert mlp["param_bytes"] == 4 * mlp["n_params"]
   assert list(mlp["methods"]) == list(benchmark.METHODS)
+  assert {"one_gradient_temp_bytes", "two_gradients_temp_bytes"} <= set(mlp)
   for result in mlp["methods"].values():
     assert len(result["step_ms_rounds"]) == 2
     for key in ("step_ms", "lower_s", "compile_s", "last_loss"):
