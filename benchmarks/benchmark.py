@@ -2,19 +2,19 @@
 
 Run from the repository root::
 
-  python benchmarks/benchmark.py             # every workload, ~5 minutes on 2 CPU cores
-  python benchmarks/benchmark.py --quick     # a few seconds per workload, to check it runs
-  python benchmarks/benchmark.py --workloads mlp,wide_mlp --out results/
+  python benchmarks/benchmark.py                          # every workload, ~3 min on 2 CPU cores
+  python benchmarks/benchmark.py --quick --workloads mlp  # seconds: checks that it runs
+  python benchmarks/benchmark.py --workloads wide_mlp --hlo-dir hlo/  # and dump the HLO
 
 Every method is a jitted train step ``(params, opt_state, batch) -> (params,
 opt_state, loss)`` that takes the clean gradient and calls the transformation,
 with params and optimizer state donated. All methods of a workload are timed in
 the same process in interleaved rounds (one measurement of each method per
-round, after a warm-up round), and the median over rounds is reported, so that
-a change in machine load hits every method alike. Compile time is
-``lower()`` plus ``compile()`` of each step; memory is the compiled step's
-``memory_analysis()``. Writes ``benchmark.json`` and ``benchmark.md`` to
-``--out``.
+round, each from a copy of the initial weights, after a warm-up), and the
+median over rounds is reported, so that a change in machine load hits every
+method alike. Compile time is ``lower()`` plus ``compile()`` of a fresh jit,
+the median of several; memory is the compiled step's ``memory_analysis()``.
+Writes ``benchmark.json`` and ``benchmark.md`` to ``--out``.
 
 To add a method, add a row to ``METHODS``: a name and a :class:`Method`.
 """
@@ -268,12 +268,14 @@ def _timed_run(compiled, start, batch, steps) -> tuple[float, float]:
 
 
 def bench_workload(
+  workload_name: str,
   workload: Workload,
   methods: dict[str, Method],
   *,
   rounds: int,
   round_seconds: float,
   compile_repeats: int,
+  hlo_dir: Path | None = None,
 ) -> dict[str, Any]:
   """Compiles and times every method on ``workload``, interleaved."""
   key_params, key_batch = jax.random.split(jax.random.key(0))
@@ -297,6 +299,8 @@ def bench_workload(
     r["lower_s"] = statistics.median(r["lower_s_rounds"])
     r["compile_s"] = statistics.median(r["compile_s_rounds"])
     r["memory"] = _memory(compiled[name])
+    if hlo_dir is not None:
+      (hlo_dir / f"{workload_name}_{name}.hlo.txt").write_text(compiled[name].as_text())
     r["step_ms_rounds"] = []
 
   # Warm-up: two steps of each, the second timed to size the rounds on the slowest method.
@@ -433,6 +437,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
   parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated")
   parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated")
+  parser.add_argument("--hlo-dir", type=Path, help="also write each compiled step's HLO here")
   parser.add_argument("--rounds", type=int, help="timed rounds (default 9, or 3 with --quick)")
   parser.add_argument(
     "--compile-repeats", type=int, help="compilations per step (default 3, or 1 with --quick)"
@@ -447,6 +452,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return {n: table[n] for n in chosen}
 
   workloads = pick(args.workloads, WORKLOADS, "workloads")
+  if args.hlo_dir is not None:
+    args.hlo_dir.mkdir(parents=True, exist_ok=True)
   methods = pick(args.methods, METHODS, "methods")
   rounds = args.rounds or (3 if args.quick else 9)
   compile_repeats = args.compile_repeats or (1 if args.quick else 3)
@@ -466,11 +473,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   for wname, workload in workloads.items():
     print(f"{wname}: {workload.description}", flush=True)
     report["workloads"][wname] = bench_workload(
+      wname,
       workload,
       methods,
       rounds=rounds,
       round_seconds=round_seconds,
       compile_repeats=compile_repeats,
+      hlo_dir=args.hlo_dir,
     )
   report["load_average_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
