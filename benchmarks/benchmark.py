@@ -359,6 +359,17 @@ def _ratios(results: dict[str, dict[str, Any]], param_bytes: int) -> dict[str, f
   return out
 
 
+def _cpu_model() -> str:
+  try:
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+  except OSError:
+    return platform.processor() or platform.machine()
+  models = [
+    line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")
+  ]
+  return models[0] if models else platform.machine()
+
+
 def _machine() -> dict[str, Any]:
   device = jax.devices()[0]
   return {
@@ -367,7 +378,7 @@ def _machine() -> dict[str, Any]:
     "device_count": jax.device_count(),
     "cpu_count": os.cpu_count(),
     "platform": platform.platform(),
-    "processor": platform.processor() or platform.machine(),
+    "processor": _cpu_model(),
     "python": platform.python_version(),
     "jax": jax.__version__,
     "optax": optax.__version__,
