@@ -138,8 +138,23 @@ def perturbation_with_norm(
   needs no pass over ``eps``. The scaled leaves' part is summed from ``eps``
   before its cast to the leaves' dtype.
 
+  Args:
+    grads, params, rho, eta, adaptive, p, eps, adaptive_mask, perturb_mask: as
+      in :func:`perturbation`.
+
   Returns:
-    ``(eps, ||eps||_2)``; the arguments are those of :func:`perturbation`.
+    ``(eps, ||eps||_2)``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from asam_jax._perturbation import perturbation_with_norm
+    >>> g, w = {"w": jnp.array([3.0, 4.0])}, {"w": jnp.array([1.0, 1.0])}
+    >>> perturbation_with_norm(g, w, rho=0.5)
+    ({'w': Array([0.3, 0.4], dtype=float32)}, Array(0.5, dtype=float32))
+
+  References:
+    Foret et al., ICLR 2021 and Kwon et al., ICML 2021, as for
+    :func:`perturbation`.
   """
   p = _validation.check_p(p)
   _validation.check_nonnegative("rho", rho)
