@@ -106,6 +106,56 @@ def perturbation(
     Minimization for Scale-Invariant Learning of Deep Neural Networks,
     ICML 2021.
   """
+  return perturbation_with_norm(
+    grads,
+    params,
+    rho=rho,
+    eta=eta,
+    adaptive=adaptive,
+    p=p,
+    eps=eps,
+    adaptive_mask=adaptive_mask,
+    perturb_mask=perturb_mask,
+  )[0]
+
+
+def perturbation_with_norm(
+  grads: Any,
+  params: Any,
+  *,
+  rho: chex.Numeric,
+  eta: chex.Numeric = 0.0,
+  adaptive: bool = False,
+  p: float = 2,
+  eps: float = 1e-12,
+  adaptive_mask: Mask | None = None,
+  perturb_mask: Mask | None = None,
+) -> tuple[Any, chex.Array]:
+  """:func:`perturbation` and its norm ``||eps||_2``, computed in float32 or wider.
+
+  For p = 2 the unscaled leaves' part of the norm is ``rho ||g|| / ||T g||``
+  from the sums of squares the dual norm has already taken, so SAM's norm
+  needs no pass over ``eps``. The scaled leaves' part is summed from ``eps``
+  before its cast to the leaves' dtype.
+
+  Args:
+    grads, params, rho, eta, adaptive, p, eps, adaptive_mask, perturb_mask: as
+      in :func:`perturbation`.
+
+  Returns:
+    ``(eps, ||eps||_2)``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from asam_jax._perturbation import perturbation_with_norm
+    >>> g, w = {"w": jnp.array([3.0, 4.0])}, {"w": jnp.array([1.0, 1.0])}
+    >>> perturbation_with_norm(g, w, rho=0.5)
+    ({'w': Array([0.3, 0.4], dtype=float32)}, Array(0.5, dtype=float32))
+
+  References:
+    Foret et al., ICLR 2021 and Kwon et al., ICML 2021, as for
+    :func:`perturbation`.
+  """
   p = _validation.check_p(p)
   _validation.check_nonnegative("rho", rho)
   _validation.check_nonnegative("eta", eta)
@@ -139,7 +189,7 @@ def perturbation(
 
   out = [jnp.zeros_like(w) for _, w in paths_and_w]
   if not chosen:
-    return treedef.unflatten(out)
+    return treedef.unflatten(out), jnp.zeros([], jnp.float32)
 
   # T and T g in float32 or wider; T is None where it is the identity.
   ts, tgs = [], []
@@ -165,7 +215,14 @@ def perturbation(
     else:
       directions = [jnp.sign(tg) * (jnp.abs(tg) / norm) ** (q - 1) for tg in tgs]
 
-  for (i, _, w, _), t, d in zip(chosen, ts, directions):
-    e = rho * d if t is None else rho * t * d
+  es = [rho * d if t is None else rho * t * d for t, d in zip(ts, directions)]
+  if p == 2:
+    # On unscaled leaves eps = rho g / ||T g||, so their part of ||eps|| is the
+    # dual norm's own sum of squares (XLA merges the two): no pass over eps.
+    unscaled = global_norm([tg for t, tg in zip(ts, tgs) if t is None]) * rho / norm
+    eps_norm = jnp.hypot(unscaled, global_norm([e for t, e in zip(ts, es) if t is not None]))
+  else:
+    eps_norm = global_norm(es)
+  for (i, _, w, _), e in zip(chosen, es):
     out[i] = e.astype(jnp.result_type(w))
-  return treedef.unflatten(out)
+  return treedef.unflatten(out), eps_norm

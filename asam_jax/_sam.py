@@ -13,7 +13,7 @@ from optax._src import numerics
 
 from asam_jax import _validation
 from asam_jax._masks import Mask, resolve_mask
-from asam_jax._perturbation import global_norm, perturbation
+from asam_jax._perturbation import perturbation_with_norm
 from asam_jax._varying import invariant_axes, to_varying
 
 ScalarOrSchedule = float | chex.Array | optax.Schedule
@@ -132,7 +132,7 @@ def _sharpness_aware(
       raise ValueError(_summed_gradient_message(summed))
     if sync_perturbation:
       grads = jax.lax.pmean(grads, axis_name)
-    perturbation_tree = perturbation(
+    perturbation_tree, perturbation_norm = perturbation_with_norm(
       grads,
       params,
       rho=_value_at(rho, state.count),
@@ -150,7 +150,7 @@ def _sharpness_aware(
     if axis_name is not None:
       perturbed_params = to_varying(perturbed_params, axis_name)
     loss, adversarial_grads = jax.value_and_grad(_scalar_loss(loss_fn, has_aux))(perturbed_params)
-    stats = (loss.astype(jnp.float32), global_norm(perturbation_tree))
+    stats = (loss.astype(jnp.float32), perturbation_norm.astype(jnp.float32))
     if axis_name is not None:
       adversarial_grads, stats = jax.lax.pmean((adversarial_grads, stats), axis_name)
     return adversarial_grads, SAMState(numerics.safe_increment(state.count), *stats)

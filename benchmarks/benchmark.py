@@ -1,0 +1,506 @@
+"""Step time, compile time and memory of SAM/ASAM against SGD and optax.contrib.sam.
+
+Run from the repository root::
+
+  python benchmarks/benchmark.py                          # every workload, ~3 min on 2 CPU cores
+  python benchmarks/benchmark.py --quick --workloads mlp  # seconds: checks that it runs
+  python benchmarks/benchmark.py --workloads wide_mlp --hlo-dir hlo/  # and dump the HLO
+
+Every method is a jitted train step ``(params, opt_state, batch) -> (params,
+opt_state, loss)`` that takes the clean gradient and calls the transformation,
+with params and optimizer state donated. All methods of a workload are timed in
+the same process in interleaved rounds (one measurement of each method per
+round, each from a copy of the initial weights, after a warm-up), and the
+median over rounds is reported, so that a change in machine load hits every
+method alike. Compile time is ``lower()`` plus ``compile()`` of a fresh jit,
+the median of several; memory is the compiled step's ``memory_analysis()``.
+Writes ``benchmark.json`` and ``benchmark.md`` to ``--out``.
+
+To add a method, add a row to ``METHODS``: a name and a :class:`Method`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import asam_jax
+
+# Small, so that over one round (every round restarts from the initial weights)
+# the loss stays near its initial value; see bench_workload.
+LEARNING_RATE = 1e-4
+MOMENTUM = 0.9
+SAM_RHO = 0.05
+ASAM_RHO = 0.5
+ASAM_ETA = 0.01
+# p = inf moves every weight by rho (|w| + eta); at rho = 0.5 the perturbed loss
+# is ~1000x the clean one, which no one would train with.
+ASAM_INF_RHO = 0.02
+
+
+def _base() -> optax.GradientTransformation:
+  """The outer optimizer every method shares."""
+  return optax.sgd(LEARNING_RATE, momentum=MOMENTUM)
+
+
+def _with_loss_fn(loss_fn: Callable[[Any], jax.Array]) -> dict[str, Any]:
+  return {"loss_fn": loss_fn}
+
+
+def _with_grad_fn(loss_fn: Callable[[Any], jax.Array]) -> dict[str, Any]:
+  # optax.contrib.sam's opaque mode calls grad_fn(params, adversarial_step).
+  return {"grad_fn": lambda params, _: jax.grad(loss_fn)(params)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """One row of the table.
+
+  Attributes:
+    make: builds the transformation.
+    extra_args: the keyword arguments its ``update`` needs, given the loss
+      closure ``params -> scalar`` over the current batch.
+  """
+
+  make: Callable[[], optax.GradientTransformation]
+  extra_args: Callable[[Callable[[Any], jax.Array]], dict[str, Any]] = _with_loss_fn
+
+
+METHODS: dict[str, Method] = {
+  "sgd": Method(_base, lambda _: {}),
+  "sam": Method(lambda: optax.chain(asam_jax.sam(rho=SAM_RHO), _base())),
+  "asam_p2": Method(lambda: optax.chain(asam_jax.asam(rho=ASAM_RHO, eta=ASAM_ETA), _base())),
+  "asam_pinf": Method(
+    lambda: optax.chain(asam_jax.asam(rho=ASAM_INF_RHO, eta=ASAM_ETA, p=math.inf), _base())
+  ),
+  # The JAX anchor, with the adversarial chain optax documents for SAM.
+  "optax_sam": Method(
+    lambda: optax.contrib.sam(
+      _base(),
+      optax.chain(optax.contrib.normalize(), optax.sgd(SAM_RHO)),
+      opaque_mode=True,
+    ),
+    _with_grad_fn,
+  ),
+}
+
+
+# --- workloads: plain JAX models, random data (only the time matters) ---
+
+
+def _dense(key, n_in, n_out):
+  return {
+    "w": jax.random.normal(key, (n_in, n_out)) * math.sqrt(2 / n_in),
+    "b": jnp.zeros(n_out),
+  }
+
+
+def _cross_entropy(logits, labels):
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def _mlp_init(sizes):
+  def init(key):
+    keys = jax.random.split(key, len(sizes) - 1)
+    return [_dense(k, a, b) for k, a, b in zip(keys, sizes[:-1], sizes[1:])]
+
+  return init
+
+
+def _mlp_loss(params, batch):
+  x, y = batch
+  for layer in params[:-1]:
+    x = jax.nn.relu(x @ layer["w"] + layer["b"])
+  return _cross_entropy(x @ params[-1]["w"] + params[-1]["b"], y)
+
+
+def _conv_init(kernel, channels, n_classes, flat):
+  def init(key):
+    keys = jax.random.split(key, len(channels))
+    convs = [
+      {
+        "w": jax.random.normal(k, (*kernel, c_in, c_out))
+        * math.sqrt(2 / (math.prod(kernel) * c_in)),
+        "b": jnp.zeros(c_out),
+      }
+      for k, c_in, c_out in zip(keys[:-1], channels[:-1], channels[1:])
+    ]
+    return {"convs": convs, "head": _dense(keys[-1], flat, n_classes)}
+
+  return init
+
+
+def _conv_loss(dims):
+  def loss(params, batch):
+    x, y = batch
+    pool = (1, *(2,) * (x.ndim - 2), 1)
+    for layer in params["convs"]:
+      x = jax.lax.conv_general_dilated(
+        x, layer["w"], (1,) * (x.ndim - 2), "SAME", dimension_numbers=dims
+      )
+      x = jax.nn.relu(x + layer["b"])
+      x = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, pool, pool, "VALID")
+    x = x.reshape(x.shape[0], -1)
+    return _cross_entropy(x @ params["head"]["w"] + params["head"]["b"], y)
+
+  return loss
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+  description: str
+  init: Callable[[jax.Array], Any]
+  loss: Callable[[Any, Any], jax.Array]
+  input_shape: tuple[int, ...]
+  n_classes: int = 10
+
+  def batch(self, key):
+    kx, ky = jax.random.split(key)
+    return (
+      jax.random.normal(kx, self.input_shape),
+      jax.random.randint(ky, self.input_shape[:1], 0, self.n_classes),
+    )
+
+
+WORKLOADS: dict[str, Workload] = {
+  "mlp": Workload(
+    "MLP 40-128-128-10, MNIST-1D size, batch 128",
+    _mlp_init([40, 128, 128, 10]),
+    _mlp_loss,
+    (128, 40),
+  ),
+  "cnn1d": Workload(
+    "1-D CNN 3x(conv5+pool) 32-64-64, MNIST-1D size, batch 128",
+    _conv_init((5,), [1, 32, 64, 64], 10, 5 * 64),
+    _conv_loss(("NWC", "WIO", "NWC")),
+    (128, 40, 1),
+  ),
+  "conv32": Workload(
+    "CNN 3x(conv3x3+pool) 32-64-128 on 32x32x3, batch 128 (compute-bound)",
+    _conv_init((3, 3), [3, 32, 64, 128], 10, 4 * 4 * 128),
+    _conv_loss(("NHWC", "HWIO", "NHWC")),
+    (128, 32, 32, 3),
+  ),
+  "wide_mlp": Workload(
+    "MLP 1024-4096-4096-10, 21M parameters, batch 16 (parameter-bound)",
+    _mlp_init([1024, 4096, 4096, 10]),
+    _mlp_loss,
+    (16, 1024),
+  ),
+}
+
+
+# --- measuring ---
+
+
+def make_step(method: Method, loss: Callable[[Any, Any], jax.Array]):
+  """The jitted train step of ``method``; params and optimizer state are donated."""
+  tx = method.make()
+
+  def step(params, opt_state, batch):
+    loss_fn = lambda p: loss(p, batch)
+    value, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params, **method.extra_args(loss_fn))
+    return optax.apply_updates(params, updates), opt_state, value
+
+  return tx, jax.jit(step, donate_argnums=(0, 1))
+
+
+def _memory(compiled) -> dict[str, int] | None:
+  try:
+    stats = compiled.memory_analysis()
+  except (NotImplementedError, RuntimeError):
+    return None
+  if stats is None:
+    return None
+  fields = ("argument", "output", "alias", "temp")
+  out = {f"{f}_bytes": int(getattr(stats, f"{f}_size_in_bytes")) for f in fields}
+  # Donated outputs reuse their argument's buffer (alias), so they count once.
+  out["peak_bytes"] = (
+    out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"] + out["temp_bytes"]
+  )
+  return out
+
+
+def _tree_bytes(tree) -> int:
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def _gradient_temp_bytes(loss, params, batch) -> dict[str, int | None]:
+  """XLA's scratch memory for one gradient, and for two in sequence (no optimizer).
+
+  The difference is what any two-gradient method pays over SGD before its own
+  overhead, since XLA need not reuse the first pass's activation buffers.
+  """
+  grad = jax.grad(loss)
+  two = lambda p, b: grad(jax.tree.map(jnp.add, p, grad(p, b)), b)
+  out = {}
+  for label, fn in (("one_gradient", grad), ("two_gradients", two)):
+    memory = _memory(jax.jit(fn).lower(params, batch).compile())
+    out[f"{label}_temp_bytes"] = memory and memory["temp_bytes"]
+  return out
+
+
+def _timed_run(compiled, start, batch, steps) -> tuple[float, float]:
+  """Seconds per step over ``steps`` steps from a copy of ``start``, and the last loss."""
+  # A copy, since the step donates its inputs; made before the clock starts.
+  params, opt_state = jax.block_until_ready(jax.tree.map(jnp.copy, start))
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    params, opt_state, value = compiled(params, opt_state, batch)
+  jax.block_until_ready((params, opt_state, value))
+  return (time.perf_counter() - t0) / steps, float(value)
+
+
+def bench_workload(
+  workload_name: str,
+  workload: Workload,
+  methods: dict[str, Method],
+  *,
+  rounds: int,
+  round_seconds: float,
+  compile_repeats: int,
+  hlo_dir: Path | None = None,
+) -> dict[str, Any]:
+  """Compiles and times every method on ``workload``, interleaved."""
+  key_params, key_batch = jax.random.split(jax.random.key(0))
+  params = workload.init(key_params)
+  batch = workload.batch(key_batch)
+  results = {name: {"lower_s_rounds": [], "compile_s_rounds": []} for name in methods}
+  compiled, starts = {}, {}
+  # A fresh jit per repeat, since jax caches both lowering and compilation.
+  for _ in range(compile_repeats):
+    for name, method in methods.items():
+      tx, step = make_step(method, workload.loss)
+      starts[name] = (params, tx.init(params))
+      t0 = time.perf_counter()
+      lowered = step.lower(*starts[name], batch)
+      t1 = time.perf_counter()
+      compiled[name] = lowered.compile()
+      t2 = time.perf_counter()
+      results[name]["lower_s_rounds"].append(t1 - t0)
+      results[name]["compile_s_rounds"].append(t2 - t1)
+  for name, r in results.items():
+    r["lower_s"] = statistics.median(r["lower_s_rounds"])
+    r["compile_s"] = statistics.median(r["compile_s_rounds"])
+    r["memory"] = _memory(compiled[name])
+    if hlo_dir is not None:
+      (hlo_dir / f"{workload_name}_{name}.hlo.txt").write_text(compiled[name].as_text())
+    r["step_ms_rounds"] = []
+
+  # Warm-up: two steps of each, the second timed to size the rounds on the slowest method.
+  warm = {name: _timed_run(compiled[name], starts[name], batch, 2)[0] for name in methods}
+  steps = max(1, round(round_seconds / max(warm.values())))
+
+  # Every round restarts from the initial weights: trained on for long on one
+  # batch, the loss reaches 0 and the gradients denormal floats, which are slow
+  # on CPUs and would time the arithmetic, not the method.
+  for _ in range(rounds):
+    for name in methods:
+      seconds, loss = _timed_run(compiled[name], starts[name], batch, steps)
+      results[name]["step_ms_rounds"].append(1e3 * seconds)
+      results[name]["last_loss"] = loss
+  for r in results.values():
+    r["step_ms"] = statistics.median(r["step_ms_rounds"])
+
+  return {
+    "description": workload.description,
+    "n_params": sum(x.size for x in jax.tree.leaves(params)),
+    "param_bytes": _tree_bytes(params),
+    "batch_size": workload.input_shape[0],
+    "steps_per_round": steps,
+    "rounds": rounds,
+    "methods": results,
+    "ratios": _ratios(results, _tree_bytes(params)),
+    **_gradient_temp_bytes(workload.loss, params, batch),
+  }
+
+
+def _ratios(results: dict[str, dict[str, Any]], param_bytes: int) -> dict[str, float]:
+  """SAM/SGD, ASAM/SAM and ours/optax for time; compile and memory against SGD."""
+  out = {}
+
+  def ratio(label, num, den, key):
+    if num in results and den in results:
+      out[label] = key(results[num]) / key(results[den])
+
+  step = lambda r: r["step_ms"]
+  compile_s = lambda r: r["lower_s"] + r["compile_s"]
+  ratio("step sam/sgd", "sam", "sgd", step)
+  ratio("step asam_p2/sam", "asam_p2", "sam", step)
+  ratio("step asam_pinf/sam", "asam_pinf", "sam", step)
+  ratio("step sam/optax_sam", "sam", "optax_sam", step)
+  for name in results:
+    if name != "sgd":
+      ratio(f"compile {name}/sgd", name, "sgd", compile_s)
+  ratio("compile sam/optax_sam", "sam", "optax_sam", compile_s)
+  if "sgd" in results and results["sgd"]["memory"]:
+    base = results["sgd"]["memory"]["peak_bytes"]
+    for name, r in results.items():
+      if name != "sgd" and r["memory"]:
+        out[f"extra memory {name} (parameter copies)"] = (
+          r["memory"]["peak_bytes"] - base
+        ) / param_bytes
+  return out
+
+
+def _cpu_model() -> str:
+  try:
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+  except OSError:
+    return platform.processor() or platform.machine()
+  models = [
+    line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")
+  ]
+  return models[0] if models else platform.machine()
+
+
+def _machine() -> dict[str, Any]:
+  device = jax.devices()[0]
+  return {
+    "backend": jax.default_backend(),
+    "device": device.device_kind,
+    "device_count": jax.device_count(),
+    "cpu_count": os.cpu_count(),
+    "platform": platform.platform(),
+    "processor": _cpu_model(),
+    "python": platform.python_version(),
+    "jax": jax.__version__,
+    "optax": optax.__version__,
+    "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+  }
+
+
+def markdown(report: dict[str, Any]) -> str:
+  """The results as markdown tables: one row per workload and method, then ratios."""
+  lines = [
+    "| workload | method | step (ms) | compile (s) | peak memory (MB) | extra memory (param copies) |",
+    "|---|---|---:|---:|---:|---:|",
+  ]
+  for wname, w in report["workloads"].items():
+    for name, r in w["methods"].items():
+      mem = r["memory"]
+      extra = w["ratios"].get(f"extra memory {name} (parameter copies)")
+      lines.append(
+        f"| {wname} | {name} | {r['step_ms']:.2f} | {r['lower_s'] + r['compile_s']:.2f} | "
+        + (f"{mem['peak_bytes'] / 1e6:.1f}" if mem else "n/a")
+        + " | "
+        + (f"{extra:.2f}" if extra is not None else "")
+        + " |"
+      )
+  labels = sorted({k for w in report["workloads"].values() for k in w["ratios"]}, key=_order)
+  labels = [k for k in labels if not k.startswith("extra memory")]
+  lines += ["", "| ratio | " + " | ".join(report["workloads"]) + " |"]
+  lines.append("|---|" + "---:|" * len(report["workloads"]))
+  for label in labels:
+    cells = [w["ratios"].get(label) for w in report["workloads"].values()]
+    lines.append(
+      f"| {label} | " + " | ".join("" if c is None else f"{c:.2f}" for c in cells) + " |"
+    )
+  lines += [
+    "",
+    "| workload | parameters | parameters (MB) | XLA scratch, one gradient (MB) | two gradients in sequence (MB) |",
+    "|---|---:|---:|---:|---:|",
+  ]
+  for wname, w in report["workloads"].items():
+    one, two = w["one_gradient_temp_bytes"], w["two_gradients_temp_bytes"]
+    lines.append(
+      f"| {wname} | {w['n_params']:,} | {w['param_bytes'] / 1e6:.2f} | "
+      + (f"{one / 1e6:.1f} | {two / 1e6:.1f} |" if one is not None else "n/a | n/a |")
+    )
+  m = report["machine"]
+  lines += [
+    "",
+    f"{m['backend']} ({m['device']}, {m['cpu_count']} cores, {m['processor']}), "
+    f"jax {m['jax']}, optax {m['optax']}; load average before "
+    f"{_fmt_load(m['load_average'])}, after {_fmt_load(report['load_average_after'])}; "
+    f"{'quick' if report['quick'] else 'full'} run, median of {report['rounds']} interleaved rounds.",
+  ]
+  return "\n".join(lines) + "\n"
+
+
+def _order(label: str) -> tuple[int, str]:
+  return (0 if label.startswith("step") else 1, label)
+
+
+def _fmt_load(load):
+  return "n/a" if load is None else "/".join(f"{x:.1f}" for x in load)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--quick", action="store_true", help="few, short rounds: checks that it runs")
+  parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+  parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated")
+  parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated")
+  parser.add_argument("--hlo-dir", type=Path, help="also write each compiled step's HLO here")
+  parser.add_argument("--rounds", type=int, help="timed rounds (default 9, or 3 with --quick)")
+  parser.add_argument(
+    "--compile-repeats", type=int, help="compilations per step (default 3, or 1 with --quick)"
+  )
+  args = parser.parse_args(argv)
+
+  def pick(names, table, what):
+    chosen = [n for n in names.split(",") if n]
+    unknown = [n for n in chosen if n not in table]
+    if unknown:
+      parser.error(f"unknown {what} {unknown}; choose from {list(table)}")
+    return {n: table[n] for n in chosen}
+
+  workloads = pick(args.workloads, WORKLOADS, "workloads")
+  if args.hlo_dir is not None:
+    args.hlo_dir.mkdir(parents=True, exist_ok=True)
+  methods = pick(args.methods, METHODS, "methods")
+  rounds = args.rounds or (3 if args.quick else 9)
+  compile_repeats = args.compile_repeats or (1 if args.quick else 3)
+  round_seconds = 0.02 if args.quick else 0.4
+
+  report: dict[str, Any] = {
+    "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    "command": " ".join(
+      ["python benchmarks/benchmark.py", *(sys.argv[1:] if argv is None else argv)]
+    ),
+    "quick": args.quick,
+    "rounds": rounds,
+    "compile_repeats": compile_repeats,
+    "machine": _machine(),
+    "workloads": {},
+  }
+  for wname, workload in workloads.items():
+    print(f"{wname}: {workload.description}", flush=True)
+    report["workloads"][wname] = bench_workload(
+      wname,
+      workload,
+      methods,
+      rounds=rounds,
+      round_seconds=round_seconds,
+      compile_repeats=compile_repeats,
+      hlo_dir=args.hlo_dir,
+    )
+  report["load_average_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+  args.out.mkdir(parents=True, exist_ok=True)
+  (args.out / "benchmark.json").write_text(json.dumps(report, indent=2) + "\n")
+  table = markdown(report)
+  (args.out / "benchmark.md").write_text(table)
+  print(table)
+  return report
+
+
+if __name__ == "__main__":
+  main()
