@@ -64,6 +64,18 @@ def one_update(tx, params, x, y):
   return tx.update(grads, state, params, loss_fn=loss_fn)
 
 
+def ls_step(tx):
+  """A jitted training step of ``tx`` on the least-squares problem."""
+
+  @jax.jit
+  def step(params, state):
+    loss_fn = lambda p: ls_loss(p, X, Y)
+    updates, state = tx.update(jax.grad(loss_fn)(params), state, params, loss_fn=loss_fn)
+    return optax.apply_updates(params, updates), state
+
+  return step
+
+
 METHODS = {
   "sam": (lambda: asam_jax.sam(rho=0.2), dict(rho=0.2)),
   "sam_pinf": (lambda: asam_jax.sam(rho=0.05, p=float("inf")), dict(rho=0.05, p=np.inf)),
@@ -105,11 +117,7 @@ def test_chain_feeds_the_sam_gradient_to_any_optimizer(base):
   opt = BASE_OPTIMIZERS[base]
   tx = optax.chain(asam_jax.asam(rho=0.5, eta=0.01), opt)
 
-  @jax.jit
-  def step(params, state):
-    loss_fn = lambda p: ls_loss(p, X, Y)
-    updates, state = tx.update(jax.grad(loss_fn)(params), state, params, loss_fn=loss_fn)
-    return optax.apply_updates(params, updates), state
+  step = ls_step(tx)
 
   params, state = f32(W0), tx.init(f32(W0))
   ref_params, ref_state = f32(W0), opt.init(f32(W0))
@@ -190,11 +198,7 @@ def test_rho_zero_reproduces_the_base_trajectory():
 
 
 def _norms_over_steps(tx, steps):
-  @jax.jit
-  def step(params, state):
-    loss_fn = lambda p: ls_loss(p, X, Y)
-    updates, state = tx.update(jax.grad(loss_fn)(params), state, params, loss_fn=loss_fn)
-    return optax.apply_updates(params, updates), state
+  step = ls_step(tx)
 
   params, state, norms = f32(W0), tx.init(f32(W0)), []
   for _ in range(steps):
@@ -229,11 +233,7 @@ def test_inject_hyperparams_changes_rho_at_run_time():
     optax.inject_hyperparams(asam_jax.sam, static_args=("p",))(rho=0.2), optax.sgd(0.01)
   )
 
-  @jax.jit
-  def step(params, state):
-    loss_fn = lambda p: ls_loss(p, X, Y)
-    updates, state = tx.update(jax.grad(loss_fn)(params), state, params, loss_fn=loss_fn)
-    return optax.apply_updates(params, updates), state
+  step = ls_step(tx)
 
   params, state = f32(W0), tx.init(f32(W0))
   params, state = step(params, state)
