@@ -8,7 +8,17 @@ Example:
 from asam_jax._masks import kernel_mask
 from asam_jax._perturbation import perturbation
 from asam_jax._sam import SAMState, asam, sam
+from asam_jax._sharpness import average_sharpness, random_perturbation, sharpness
 
 __version__ = "0.1.0"
 
-__all__ = ["SAMState", "asam", "kernel_mask", "perturbation", "sam"]
+__all__ = [
+  "SAMState",
+  "asam",
+  "average_sharpness",
+  "kernel_mask",
+  "perturbation",
+  "random_perturbation",
+  "sam",
+  "sharpness",
+]
