@@ -72,6 +72,22 @@ def _scalar_loss(loss_fn: Callable[[Any], Any], has_aux: bool) -> Callable[[Any]
   return loss
 
 
+def _check_call(loss_fn: Any, params: Any) -> None:
+  """Says how to call ``update`` when the loss closure or the weights are missing."""
+  if loss_fn is None:
+    raise TypeError(_MISSING_LOSS_FN)
+  if params is None:
+    raise ValueError("SAM/ASAM perturb the weights, so update needs params: " + _MISSING_LOSS_FN)
+
+
+def _value_and_grad_at(
+  loss_fn: Callable[[Any], Any], has_aux: bool, params: Any, perturbation_tree: Any
+) -> tuple[chex.Array, Any]:
+  """``L(w + eps)`` and its gradient, the one extra pass every SAM variant pays for."""
+  perturbed_params = optax.apply_updates(params, perturbation_tree)
+  return jax.value_and_grad(_scalar_loss(loss_fn, has_aux))(perturbed_params)
+
+
 def _sharpness_aware(
   rho: ScalarOrSchedule,
   eta: ScalarOrSchedule,
@@ -108,10 +124,7 @@ def _sharpness_aware(
 
   def update_fn(updates, state, params=None, *, loss_fn=None, **extra_args):
     del extra_args
-    if loss_fn is None:
-      raise TypeError(_MISSING_LOSS_FN)
-    if params is None:
-      raise ValueError("SAM/ASAM perturb the weights, so update needs params: " + _MISSING_LOSS_FN)
+    _check_call(loss_fn, params)
     grads = updates
     if sync_perturbation:
       grads = jax.lax.pmean(grads, axis_name)
@@ -126,8 +139,7 @@ def _sharpness_aware(
       adaptive_mask=adaptive_mask,
       perturb_mask=perturb_mask,
     )
-    perturbed_params = optax.apply_updates(params, perturbation_tree)
-    loss, adversarial_grads = jax.value_and_grad(_scalar_loss(loss_fn, has_aux))(perturbed_params)
+    loss, adversarial_grads = _value_and_grad_at(loss_fn, has_aux, params, perturbation_tree)
     stats = (loss.astype(jnp.float32), global_norm(perturbation_tree))
     if axis_name is not None:
       adversarial_grads, stats = jax.lax.pmean((adversarial_grads, stats), axis_name)
