@@ -50,8 +50,8 @@ def looksam(
   the part of ``g_s`` orthogonal to the clean gradient ``g``. On the other
   steps it returns ``g + alpha (||g|| / ||g_v||) g_v`` and never calls
   ``loss_fn``: the branch is a ``lax.cond``, so under ``jit`` the second
-  forward and backward pass really runs once every ``k`` steps (under
-  ``vmap`` a ``cond`` turns into a select that runs both branches). Average
+  forward and backward pass really runs once every ``k`` steps (but under a
+  ``vmap`` that batches the state, ``cond`` becomes a select that runs both). Average
   cost: ``1 + 1/k`` gradients per step. Put it first in an ``optax.chain``.
 
   Args:

@@ -80,8 +80,7 @@ def random_sam(
 
   References:
     Wen, Ma and Li, How Does Sharpness-Aware Minimization Minimize Sharpness?,
-    ICLR 2023 (the average-direction sharpness); Foret et al., ICLR 2021,
-    Section 2 (random perturbations as the PAC-Bayes bound's term).
+    ICLR 2023, Table 1 (the average-direction sharpness-aware loss).
   """
   _validation.check_nonnegative("rho", rho)
   _validation.check_nonnegative("eta", eta)

@@ -12,12 +12,15 @@ from test_sam import W0, X, Y, f32, ls_loss
 import asam_jax
 
 
-def msam64(steps, *, lr, rho, mu):
-  """Algorithm 1: gradient at w~, back to w, momentum SGD step, out to w~ = w - rho v/||v||."""
+def msam64(steps, *, lr, rho, mu, wd):
+  """Algorithm 1: gradient at w~, back to w, momentum SGD step, out to w~ = w - rho v/||v||.
+
+  Weight decay wd w~ is added to the gradient, as the paper's code does.
+  """
   w, v = W0_FLAT.copy(), np.zeros_like(W0_FLAT)
   w_tilde = w.copy()
   for t in range(steps):
-    g = grad64(w_tilde)
+    g = grad64(w_tilde) + wd * w_tilde
     v = mu * v + g
     w = w - lr(t) * v
     w_tilde = w - rho * v / np.linalg.norm(v)
@@ -27,7 +30,9 @@ def msam64(steps, *, lr, rho, mu):
 @jax.jit
 def train(params):
   lr = optax.linear_schedule(0.1, 0.02, 6)
-  tx = optax.chain(asam_jax.momentum_sam(lr, rho=0.2, momentum=0.9))
+  tx = optax.chain(
+    optax.add_decayed_weights(0.01), asam_jax.momentum_sam(lr, rho=0.2, momentum=0.9)
+  )
 
   def body(carry, _):
     params, state = carry
@@ -42,10 +47,10 @@ def train(params):
 def test_six_steps_match_the_paper_algorithm():
   held, state, unperturbed = train(f32(W0))
   lr = lambda t: 0.1 + (0.02 - 0.1) * t / 6
-  w_tilde, w, v = msam64(6, lr=lr, rho=0.2, mu=0.9)
+  w_tilde, w, v = msam64(6, lr=lr, rho=0.2, mu=0.9, wd=0.01)
   np.testing.assert_allclose(flat(held), w_tilde, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(flat(unperturbed), w, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(flat(state[0].momentum), v, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(flat(state[1].momentum), v, rtol=1e-5, atol=1e-6)
   # The weights held sit exactly rho away from the unperturbed ones.
   np.testing.assert_allclose(np.linalg.norm(flat(held) - flat(unperturbed)), 0.2, rtol=1e-5)
 
