@@ -1,4 +1,4 @@
-"""The sharpness-correlation notebook runs end to end at its reduced (CI) size."""
+"""notebooks/05_sharpness_correlation.ipynb runs end to end at its reduced (CI) size."""
 
 import pathlib
 
