@@ -124,7 +124,10 @@ def _sharpness_aware(
 
   def update_fn(updates, state, params=None, *, loss_fn=None, **extra_args):
     del extra_args
-    _check_call(loss_fn, params)
+    if loss_fn is None:
+      raise TypeError(_MISSING_LOSS_FN)
+    if params is None:
+      raise ValueError("SAM/ASAM perturb the weights, so update needs params: " + _MISSING_LOSS_FN)
     grads = updates
     if sync_perturbation:
       grads = jax.lax.pmean(grads, axis_name)
@@ -139,7 +142,8 @@ def _sharpness_aware(
       adaptive_mask=adaptive_mask,
       perturb_mask=perturb_mask,
     )
-    loss, adversarial_grads = _value_and_grad_at(loss_fn, has_aux, params, perturbation_tree)
+    perturbed_params = optax.apply_updates(params, perturbation_tree)
+    loss, adversarial_grads = jax.value_and_grad(_scalar_loss(loss_fn, has_aux))(perturbed_params)
     stats = (loss.astype(jnp.float32), global_norm(perturbation_tree))
     if axis_name is not None:
       adversarial_grads, stats = jax.lax.pmean((adversarial_grads, stats), axis_name)
