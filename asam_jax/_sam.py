@@ -87,6 +87,22 @@ def _scalar_loss(loss_fn: Callable[[Any], Any], has_aux: bool) -> Callable[[Any]
   return loss
 
 
+def _check_call(loss_fn: Any, params: Any) -> None:
+  """Says how to call ``update`` when the loss closure or the weights are missing."""
+  if loss_fn is None:
+    raise TypeError(_MISSING_LOSS_FN)
+  if params is None:
+    raise ValueError("SAM/ASAM perturb the weights, so update needs params: " + _MISSING_LOSS_FN)
+
+
+def _value_and_grad_at(
+  loss_fn: Callable[[Any], Any], has_aux: bool, params: Any, perturbation_tree: Any
+) -> tuple[chex.Array, Any]:
+  """``L(w + eps)`` and its gradient, the one extra pass every SAM variant pays for."""
+  perturbed_params = optax.apply_updates(params, perturbation_tree)
+  return jax.value_and_grad(_scalar_loss(loss_fn, has_aux))(perturbed_params)
+
+
 def _sharpness_aware(
   rho: ScalarOrSchedule,
   eta: ScalarOrSchedule,

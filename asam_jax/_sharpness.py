@@ -1,0 +1,261 @@
+"""Sharpness and adaptive sharpness: worst-case and average-direction.
+
+With ``T_w = diag(|w| + eta)`` on adaptive leaves (the identity elsewhere), the
+(adaptive) sharpness of Kwon et al. (2021, eq. 3) is
+
+  ``max_{||T_w^-1 eps||_p <= rho} L(w + eps) - L(w)``
+
+(Foret et al.'s sharpness when ``adaptive=False``), and the average-direction
+sharpness of Wen, Ma and Li (2023) replaces the max by the expectation over
+``eps`` uniform on the sphere ``||T_w^-1 eps||_2 = rho``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from asam_jax import _validation
+from asam_jax._masks import Mask, resolve_mask
+from asam_jax._perturbation import global_norm, perturbation
+
+
+def _ball_scale(params, *, eta, adaptive, adaptive_mask, perturb_mask):
+  """``T_w`` leaf by leaf: ``|w| + eta``, ``1``, or ``0`` on leaves never perturbed."""
+  on = resolve_mask(perturb_mask, params, "perturb_mask")
+  scaled = (
+    resolve_mask(adaptive_mask, params, "adaptive_mask")
+    if adaptive
+    else jax.tree.map(lambda _: False, params)
+  )
+
+  def scale(w, on, s):
+    if not on:
+      return jnp.zeros_like(w)
+    return jnp.abs(w) + jnp.asarray(eta, w.dtype) if s else jnp.ones_like(w)
+
+  return jax.tree.map(scale, params, on, scaled)
+
+
+def random_perturbation(
+  key: chex.PRNGKey,
+  params: Any,
+  *,
+  rho: chex.Numeric,
+  eta: chex.Numeric = 0.0,
+  adaptive: bool = False,
+  adaptive_mask: Mask | None = None,
+  perturb_mask: Mask | None = None,
+) -> Any:
+  """A perturbation drawn uniformly on the sphere ``||T_w^-1 eps||_2 = rho``.
+
+  ``eps = rho T_w z / ||z||_2`` with ``z ~ N(0, I)`` over the perturbed leaves,
+  so that ``T_w^-1 eps`` is uniform on the rho-sphere (the isotropic Gaussian's
+  direction is uniform).
+
+  Args:
+    key: a JAX PRNG key.
+    params: the weights ``w``, a pytree of float arrays.
+    rho: the radius, >= 0.
+    eta: ASAM's offset in ``T_w``, >= 0; ignored unless ``adaptive``.
+    adaptive: whether the sphere is the adaptive one (ASAM) or the plain one.
+    adaptive_mask: which leaves ``T_w`` scales, as in
+      :func:`asam_jax.perturbation`.
+    perturb_mask: which leaves are perturbed; the others get ``eps = 0``.
+
+  Returns:
+    ``eps``, a pytree with the structure and dtypes of ``params``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, numpy as np, asam_jax
+    >>> e = asam_jax.random_perturbation(jax.random.key(0), {"w": jnp.ones(3)}, rho=0.5)
+    >>> print(np.linalg.norm(e["w"]).round(4))
+    0.5
+
+  References:
+    Wen, Ma and Li, How Does Sharpness-Aware Minimization Minimize Sharpness?,
+    ICLR 2023 (average-direction sharpness).
+  """
+  _validation.check_nonnegative("rho", rho)
+  _validation.check_nonnegative("eta", eta)
+  t = _ball_scale(
+    params, eta=eta, adaptive=adaptive, adaptive_mask=adaptive_mask, perturb_mask=perturb_mask
+  )
+  leaves, treedef = jax.tree.flatten(t)
+  keys = jax.random.split(key, max(len(leaves), 1))
+  # z is zero on leaves that are never perturbed, so they stay out of its norm.
+  z = [
+    jnp.where(s != 0, jax.random.normal(k, s.shape, s.dtype), 0) if s.size else s
+    for k, s in zip(keys, leaves)
+  ]
+  norm = jnp.maximum(global_norm(z), jnp.finfo(jnp.float32).tiny)
+  return treedef.unflatten([(rho * s * zi / norm).astype(s.dtype) for s, zi in zip(leaves, z)])
+
+
+def _project(eps, t, rho, p):
+  """Back onto ``||T^-1 eps||_p <= rho``: radially for p = 2, by clipping for p = inf."""
+  if p == math.inf:
+    return jax.tree.map(lambda e, s: jnp.clip(e, -rho * s, rho * s), eps, t)
+  u = jax.tree.map(lambda e, s: jnp.where(s > 0, e / jnp.where(s > 0, s, 1), 0), eps, t)
+  shrink = jnp.minimum(1.0, rho / jnp.maximum(global_norm(u), jnp.finfo(jnp.float32).tiny))
+  return jax.tree.map(lambda e: (e * shrink).astype(e.dtype), eps)
+
+
+def sharpness(
+  loss_fn: Callable[[Any], chex.Array],
+  params: Any,
+  *,
+  rho: chex.Numeric,
+  adaptive: bool = False,
+  eta: chex.Numeric = 0.0,
+  p: float = 2,
+  steps: int = 20,
+  step_size: chex.Numeric | None = None,
+  key: chex.PRNGKey | None = None,
+  adaptive_mask: Mask | None = None,
+  perturb_mask: Mask | None = None,
+) -> chex.Array:
+  """The (adaptive) sharpness ``max L(w + eps) - L(w)`` over ``||T_w^-1 eps||_p <= rho``.
+
+  The maximum is sought by projected gradient ascent: ``steps`` steps of
+  ``eps <- proj(eps + perturbation(grad L(w + eps), w, rho=step_size))``, each
+  a steepest-ascent step of length ``step_size`` in the ball's own geometry,
+  projected back onto the ball. The start is SAM's/ASAM's first-order
+  maximizer ``perturbation(grad L(w), w, rho=rho)``, or a uniform random point
+  on the sphere when ``key`` is given (needed at a critical point, where the
+  gradient is zero). The value returned is the largest loss increase seen over
+  the start and every step, and at least 0 (``eps = 0`` is in the ball), so it
+  is a lower bound on the true maximum that grows with ``steps``.
+
+  With ``adaptive=True`` and ``eta=0`` the value is invariant to the positive
+  per-neuron rescalings that leave a ReLU network's function unchanged; with
+  ``adaptive=False`` it is not (Kwon et al., 2021, Section 3).
+
+  Call it under ``jax.jit`` (with ``loss_fn`` built inside), so that the ascent
+  loop compiles once.
+
+  Args:
+    loss_fn: ``params -> scalar loss``, e.g. a closure over the training set.
+    params: the weights ``w``.
+    rho: the radius, >= 0.
+    adaptive: the adaptive ball ``||T_w^-1 eps||_p <= rho`` (ASAM) or the plain
+      one (SAM).
+    eta: ASAM's offset in ``T_w = diag(|w| + eta)``, >= 0.
+    p: 2 or ``float('inf')``, the two norms whose projection is exact.
+    steps: the number of ascent steps, >= 1.
+    step_size: the length of each step in ``T_w^-1`` units; default ``rho / 2``.
+    key: a PRNG key for a random start; ``None`` starts along the gradient.
+    adaptive_mask: which leaves ``T_w`` scales, as in :func:`asam_jax.asam`.
+    perturb_mask: which leaves are perturbed at all.
+
+  Returns:
+    A scalar, ``max L(w + eps) - L(w)`` over the iterates (>= 0).
+
+  Example:
+    >>> import jax.numpy as jnp, numpy as np, asam_jax
+    >>> loss_fn = lambda p: 0.5 * jnp.sum(jnp.array([4.0, 1.0]) * p["w"] ** 2)
+    >>> s = asam_jax.sharpness(loss_fn, {"w": jnp.array([1.0, 1.0])}, rho=0.1, steps=50)
+    >>> print(np.round(s, 4))  # a dense grid over the circle gives 0.43148
+    0.4315
+
+  References:
+    Kwon et al., ASAM: Adaptive Sharpness-Aware Minimization for
+    Scale-Invariant Learning of Deep Neural Networks, ICML 2021, eq. 3.
+    Foret et al., Sharpness-Aware Minimization for Efficiently Improving
+    Generalization, ICLR 2021.
+  """
+  p = _validation.check_p(p)
+  if p not in (2, math.inf):
+    raise ValueError(
+      f"sharpness supports p=2 and p=float('inf'), got p={p}: those are the balls "
+      "whose projection is exact."
+    )
+  _validation.check_nonnegative("rho", rho)
+  _validation.check_nonnegative("eta", eta)
+  if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+    raise ValueError(f"steps must be an int >= 1, got {steps!r}.")
+  step_size = rho / 2 if step_size is None else step_size
+  _validation.check_nonnegative("step_size", step_size)
+  ball = dict(eta=eta, adaptive=adaptive, adaptive_mask=adaptive_mask, perturb_mask=perturb_mask)
+  t = _ball_scale(params, **ball)
+  shift = lambda eps: jax.tree.map(lambda w, e: w + e, params, eps)
+
+  clean, grads = jax.value_and_grad(loss_fn)(params)
+  if key is None:
+    eps = perturbation(grads, params, rho=rho, p=p, **ball)
+  else:
+    eps = _project(random_perturbation(key, params, rho=rho, **ball), t, rho, p)
+
+  def body(_, carry):
+    eps, best = carry
+    value, g = jax.value_and_grad(loss_fn)(shift(eps))
+    eps = _project(
+      jax.tree.map(jnp.add, eps, perturbation(g, params, rho=step_size, p=p, **ball)), t, rho, p
+    )
+    return eps, jnp.maximum(best, value)
+
+  eps, best = jax.lax.fori_loop(0, steps, body, (eps, clean))
+  best = jnp.maximum(best, loss_fn(shift(eps)))
+  return best - clean
+
+
+def average_sharpness(
+  loss_fn: Callable[[Any], chex.Array],
+  params: Any,
+  key: chex.PRNGKey,
+  *,
+  rho: chex.Numeric,
+  adaptive: bool = False,
+  eta: chex.Numeric = 0.0,
+  samples: int = 64,
+  adaptive_mask: Mask | None = None,
+  perturb_mask: Mask | None = None,
+) -> chex.Array:
+  """The average-direction sharpness ``E L(w + eps) - L(w)``, eps uniform on the rho-sphere.
+
+  A Monte Carlo mean over ``samples`` perturbations from
+  :func:`random_perturbation` (uniform on ``||T_w^-1 eps||_2 = rho``), drawn
+  from ``key``, evaluated one after the other to keep memory flat. For small
+  ``rho`` it approaches ``rho^2 tr(T H T) / (2 d)``, d the number of perturbed
+  weights (Wen, Ma and Li, 2023).
+
+  Args:
+    loss_fn: ``params -> scalar loss``.
+    params: the weights ``w``.
+    key: a JAX PRNG key; the same key gives the same value.
+    rho: the radius, >= 0.
+    adaptive: the adaptive sphere (ASAM) or the plain one.
+    eta: ASAM's offset, >= 0.
+    samples: the number of Monte Carlo draws, >= 1.
+    adaptive_mask: which leaves ``T_w`` scales.
+    perturb_mask: which leaves are perturbed at all.
+
+  Returns:
+    A scalar, the sample mean of ``L(w + eps) - L(w)``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, numpy as np, asam_jax
+    >>> loss_fn = lambda p: 0.5 * jnp.sum(p["w"] ** 2)  # H = I: every direction alike
+    >>> s = asam_jax.average_sharpness(loss_fn, {"w": jnp.zeros(4)}, jax.random.key(0), rho=0.2)
+    >>> print(np.round(s, 4))
+    0.02
+
+  References:
+    Wen, Ma and Li, How Does Sharpness-Aware Minimization Minimize Sharpness?,
+    ICLR 2023, Table 1.
+  """
+  if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+    raise ValueError(f"samples must be an int >= 1, got {samples!r}.")
+  ball = dict(eta=eta, adaptive=adaptive, adaptive_mask=adaptive_mask, perturb_mask=perturb_mask)
+
+  def one(k):
+    eps = random_perturbation(k, params, rho=rho, **ball)
+    return loss_fn(jax.tree.map(jnp.add, params, eps))
+
+  values = jax.lax.map(one, jax.random.split(key, samples))
+  return jnp.mean(values) - loss_fn(params)

@@ -1,0 +1,86 @@
+"""looksam against Liu et al.'s Algorithm 1 in float64 NumPy, and its skipped passes."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import reference
+from loops import W0_FLAT, flat, grad64, run
+from test_sam import W0, X, Y, f32, ls_loss
+
+import asam_jax
+
+
+def looksam_trajectory64(steps, *, lr, rho, k, alpha, eta=0.0, adaptive=False):
+  """The paper's Algorithm 1 with plain SGD: every update direction, in float64."""
+  v, g_v, directions = W0_FLAT, None, []
+  for t in range(steps):
+    g = grad64(v)
+    if t % k == 0:
+      (e,) = reference.perturbation([g], [v], rho=rho, eta=eta, adaptive=[adaptive])
+      g_s = grad64(v + e)
+      # g_v = g_s - ||g_s|| cos(theta) g / ||g||, theta the angle between g and g_s.
+      cos = g @ g_s / (np.linalg.norm(g) * np.linalg.norm(g_s))
+      g_v = g_s - np.linalg.norm(g_s) * cos * g / np.linalg.norm(g)
+    else:
+      g_s = g + alpha * np.linalg.norm(g) / np.linalg.norm(g_v) * g_v
+    directions.append(g_s)
+    v = v - lr * g_s
+  return directions
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_seven_steps_match_the_paper_formula(adaptive):
+  kw = dict(rho=0.3, k=3, alpha=0.7, eta=0.01, adaptive=adaptive)
+  _, state, updates = run(optax.chain(asam_jax.looksam(**kw), optax.sgd(0.1)), f32(W0), 7)
+  want = looksam_trajectory64(7, lr=0.1, **kw)
+  for step in range(7):
+    got = flat({name: u[step] for name, u in updates.items()})
+    np.testing.assert_allclose(got, -0.1 * want[step], rtol=3e-5, atol=2e-6)
+  assert int(state[0].sam.count) == 7
+
+
+def test_k_one_is_sam():
+  base = optax.sgd(0.1, momentum=0.9)
+  with_look, _, _ = run(optax.chain(asam_jax.looksam(rho=0.2, k=1), base), f32(W0), 5)
+  with_sam, _, _ = run(optax.chain(asam_jax.sam(rho=0.2), base), f32(W0), 5)
+  chex.assert_trees_all_close(with_look, with_sam, rtol=1e-6, atol=1e-7)
+
+
+def test_skipped_steps_do_not_evaluate_the_loss():
+  """loss_fn counts its own calls: under jit, 10 steps with k = 5 evaluate it twice."""
+  calls = []
+  tx = optax.chain(asam_jax.looksam(rho=0.1, k=5), optax.sgd(0.1))
+
+  def counted_loss(params):
+    jax.debug.callback(lambda: calls.append(1))
+    return ls_loss(params, X, Y)
+
+  @jax.jit
+  def train(params):
+    def body(carry, _):
+      params, state = carry
+      grads = jax.grad(lambda p: ls_loss(p, X, Y))(params)
+      updates, state = tx.update(grads, state, params, loss_fn=counted_loss)
+      return (optax.apply_updates(params, updates), state), None
+
+    return jax.lax.scan(body, (params, tx.init(params)), None, length=10)[0]
+
+  train(f32(W0))
+  jax.effects_barrier()
+  assert len(calls) == 2
+  # And the compiled program branches rather than selects.
+  assert "conditional" in train.lower(f32(W0)).compile().as_text()
+
+
+def test_bad_arguments_fail_with_instructions():
+  with pytest.raises(ValueError, match="k must be an int >= 1"):
+    asam_jax.looksam(k=0)
+  with pytest.raises(ValueError, match="alpha must be finite and >= 0"):
+    asam_jax.looksam(alpha=float("nan"))
+  with pytest.raises(TypeError, match="loss as a closure"):
+    tx = asam_jax.looksam()
+    params = {"w": jnp.ones(2)}
+    tx.update(params, tx.init(params), params)
