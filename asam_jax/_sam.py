@@ -96,10 +96,19 @@ def _check_call(loss_fn: Any, params: Any) -> None:
 
 
 def _value_and_grad_at(
-  loss_fn: Callable[[Any], Any], has_aux: bool, params: Any, perturbation_tree: Any
+  loss_fn: Callable[[Any], Any],
+  has_aux: bool,
+  params: Any,
+  perturbation_tree: Any,
+  axis_name: Any = None,
 ) -> tuple[chex.Array, Any]:
   """``L(w + eps)`` and its gradient, the one extra pass every SAM variant pays for."""
   perturbed_params = optax.apply_updates(params, perturbation_tree)
+  if axis_name is not None:
+    # With replicated params and a synchronized eps, w + eps is invariant, and
+    # shard_map's jax.grad would sum the perturbed gradient instead of giving
+    # this device's.
+    perturbed_params = to_varying(perturbed_params, axis_name)
   return jax.value_and_grad(_scalar_loss(loss_fn, has_aux))(perturbed_params)
 
 
@@ -139,10 +148,7 @@ def _sharpness_aware(
 
   def update_fn(updates, state, params=None, *, loss_fn=None, **extra_args):
     del extra_args
-    if loss_fn is None:
-      raise TypeError(_MISSING_LOSS_FN)
-    if params is None:
-      raise ValueError("SAM/ASAM perturb the weights, so update needs params: " + _MISSING_LOSS_FN)
+    _check_call(loss_fn, params)
     grads = updates
     if axis_name is not None and (summed := invariant_axes(grads, axis_name)):
       raise ValueError(_summed_gradient_message(summed))
@@ -159,13 +165,9 @@ def _sharpness_aware(
       adaptive_mask=adaptive_mask,
       perturb_mask=perturb_mask,
     )
-    # With replicated params and a synchronized eps, w + eps is invariant, and
-    # shard_map's jax.grad would sum the perturbed gradient instead of giving
-    # this device's.
-    perturbed_params = optax.apply_updates(params, perturbation_tree)
-    if axis_name is not None:
-      perturbed_params = to_varying(perturbed_params, axis_name)
-    loss, adversarial_grads = jax.value_and_grad(_scalar_loss(loss_fn, has_aux))(perturbed_params)
+    loss, adversarial_grads = _value_and_grad_at(
+      loss_fn, has_aux, params, perturbation_tree, axis_name
+    )
     stats = (loss.astype(jnp.float32), perturbation_norm.astype(jnp.float32))
     if axis_name is not None:
       adversarial_grads, stats = jax.lax.pmean((adversarial_grads, stats), axis_name)
