@@ -51,6 +51,9 @@ ASAM_ETA = 0.01
 # p = inf moves every weight by rho (|w| + eta); at rho = 0.5 the perturbed loss
 # is ~1000x the clean one, which no one would train with.
 ASAM_INF_RHO = 0.02
+LOOKSAM_K = 5
+# Momentum-SAM's radius is along the momentum, the paper's default.
+MSAM_RHO = 0.3
 
 
 def _base() -> optax.GradientTransformation:
@@ -87,6 +90,16 @@ METHODS: dict[str, Method] = {
   "asam_p2": Method(lambda: optax.chain(asam_jax.asam(rho=ASAM_RHO, eta=ASAM_ETA), _base())),
   "asam_pinf": Method(
     lambda: optax.chain(asam_jax.asam(rho=ASAM_INF_RHO, eta=ASAM_ETA, p=math.inf), _base())
+  ),
+  # The variants: GSAM pays two gradients like SAM; LookSAM 1 + 1/k; Momentum-SAM
+  # and random SAM one (random SAM's clean pass is only the step's own).
+  "gsam": Method(lambda: optax.chain(asam_jax.gsam(rho=SAM_RHO, alpha=0.01), _base())),
+  "looksam_k5": Method(lambda: optax.chain(asam_jax.looksam(rho=SAM_RHO, k=LOOKSAM_K), _base())),
+  "momentum_sam": Method(
+    lambda: asam_jax.momentum_sam(LEARNING_RATE, rho=MSAM_RHO, momentum=MOMENTUM), lambda _: {}
+  ),
+  "random_sam": Method(
+    lambda: optax.chain(asam_jax.random_sam(jax.random.key(0), rho=SAM_RHO), _base())
   ),
   # The JAX anchor, with the adversarial chain optax documents for SAM.
   "optax_sam": Method(
@@ -256,6 +269,26 @@ def _gradient_temp_bytes(loss, params, batch) -> dict[str, int | None]:
   return out
 
 
+def _cond_probe(loss, params, batch, repeats: int = 5) -> dict[str, float]:
+  """Milliseconds for one gradient, plainly and inside a taken ``lax.cond`` branch.
+
+  LookSAM's skipped steps need a real conditional; this measures what the
+  backend charges for running the gradient inside one.
+  """
+  grad = jax.jit(jax.grad(loss))
+  in_cond = jax.jit(lambda p, b, take: jax.lax.cond(take, jax.grad(loss), lambda p, b: p, p, b))
+  out = {}
+  for label, fn, args in (("grad_ms", grad, ()), ("grad_in_cond_ms", in_cond, (True,))):
+    jax.block_until_ready(fn(params, batch, *args))
+    times = []
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn(params, batch, *args))
+      times.append(time.perf_counter() - t0)
+    out[label] = 1e3 * statistics.median(times)
+  return out
+
+
 def _timed_run(compiled, start, batch, steps) -> tuple[float, float]:
   """Seconds per step over ``steps`` steps from a copy of ``start``, and the last loss."""
   # A copy, since the step donates its inputs; made before the clock starts.
@@ -306,6 +339,9 @@ def bench_workload(
   # Warm-up: two steps of each, the second timed to size the rounds on the slowest method.
   warm = {name: _timed_run(compiled[name], starts[name], batch, 2)[0] for name in methods}
   steps = max(1, round(round_seconds / max(warm.values())))
+  # Whole LookSAM cycles: each round restarts at step 0, so a round of fewer
+  # steps than k would time only its full SAM steps.
+  steps = LOOKSAM_K * math.ceil(steps / LOOKSAM_K)
 
   # Every round restarts from the initial weights: trained on for long on one
   # batch, the loss reaches 0 and the gradients denormal floats, which are slow
@@ -328,6 +364,7 @@ def bench_workload(
     "methods": results,
     "ratios": _ratios(results, _tree_bytes(params)),
     **_gradient_temp_bytes(workload.loss, params, batch),
+    "cond_probe": _cond_probe(workload.loss, params, batch),
   }
 
 
@@ -345,6 +382,9 @@ def _ratios(results: dict[str, dict[str, Any]], param_bytes: int) -> dict[str, f
   ratio("step asam_p2/sam", "asam_p2", "sam", step)
   ratio("step asam_pinf/sam", "asam_pinf", "sam", step)
   ratio("step sam/optax_sam", "sam", "optax_sam", step)
+  ratio("step gsam/sam", "gsam", "sam", step)
+  for name in ("looksam_k5", "momentum_sam", "random_sam"):
+    ratio(f"step {name}/sgd", name, "sgd", step)
   for name in results:
     if name != "sgd":
       ratio(f"compile {name}/sgd", name, "sgd", compile_s)
@@ -414,14 +454,16 @@ def markdown(report: dict[str, Any]) -> str:
     )
   lines += [
     "",
-    "| workload | parameters | parameters (MB) | XLA scratch, one gradient (MB) | two gradients in sequence (MB) |",
-    "|---|---:|---:|---:|---:|",
+    "| workload | parameters | parameters (MB) | XLA scratch, one gradient (MB) | two gradients in sequence (MB) | one gradient (ms) | the same inside lax.cond (ms) |",
+    "|---|---:|---:|---:|---:|---:|---:|",
   ]
   for wname, w in report["workloads"].items():
     one, two = w["one_gradient_temp_bytes"], w["two_gradients_temp_bytes"]
+    probe = w["cond_probe"]
     lines.append(
       f"| {wname} | {w['n_params']:,} | {w['param_bytes'] / 1e6:.2f} | "
       + (f"{one / 1e6:.1f} | {two / 1e6:.1f} |" if one is not None else "n/a | n/a |")
+      + f" {probe['grad_ms']:.2f} | {probe['grad_in_cond_ms']:.2f} |"
     )
   m = report["machine"]
   lines += [
