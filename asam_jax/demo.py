@@ -34,7 +34,12 @@ import optax
 
 import asam_jax
 
-METHODS = ("sgd", "sam", "asam")
+METHODS = ("sgd", "sam", "asam", "gsam", "looksam", "msam", "random_sam")
+# The default comparison; the variants run with --methods.
+DEFAULT_METHODS = ("sgd", "sam", "asam")
+# The variants use SAM's tuned rho, and their papers' other hyperparameters.
+GSAM_ALPHA = 0.01
+LOOKSAM_K = 5
 CONVENTIONS = ("all", "kernels")
 
 # Chosen by `python -m asam_jax.demo --sweep` on a validation split of the
@@ -159,6 +164,7 @@ def make_optimizer(
   total_steps: int = 1000,
   momentum: float = 0.9,
   weight_decay: float = 5e-4,
+  seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
   """SGD with momentum, weight decay and a cosine schedule, behind SAM or ASAM.
 
@@ -168,8 +174,10 @@ def make_optimizer(
   value (the ``--sweep`` relies on it).
 
   Args:
-    method: ``"sgd"``, ``"sam"`` or ``"asam"``.
-    rho: SAM/ASAM's radius (ignored by SGD).
+    method: one of ``METHODS``: ``"sgd"``, ``"sam"``, ``"asam"``, or the
+      variants ``"gsam"``, ``"looksam"`` (k = 5), ``"random_sam"`` (chained in
+      front of the same SGD) and ``"msam"`` (Momentum-SAM, which replaces SGD).
+    rho: the method's radius (ignored by SGD).
     eta: ASAM's offset.
     convention: which leaves ASAM scales by ``|w| + eta``: ``"all"`` (the
       paper) or ``"kernels"`` (the official code, ``asam_jax.kernel_mask``).
@@ -177,16 +185,24 @@ def make_optimizer(
     total_steps: the schedule's length.
     momentum: SGD's momentum.
     weight_decay: the decoupled L2 coefficient added to the gradient.
+    seed: seeds random SAM's perturbations.
 
   Returns:
     An optax transformation whose ``update`` takes ``loss_fn=``.
   """
-  base = optax.chain(
-    optax.add_decayed_weights(weight_decay),
-    optax.sgd(optax.cosine_decay_schedule(learning_rate, total_steps), momentum=momentum),
-  )
+  schedule = optax.cosine_decay_schedule(learning_rate, total_steps)
+  decay = optax.add_decayed_weights(weight_decay)
+  base = optax.chain(decay, optax.sgd(schedule, momentum=momentum))
   if method == "sgd":
     return base
+  if method == "msam":
+    # Momentum-SAM replaces SGD: it perturbs along the momentum it keeps.
+    return optax.chain(
+      decay,
+      optax.inject_hyperparams(asam_jax.momentum_sam, static_args=("momentum",))(
+        learning_rate=schedule, rho=rho, momentum=momentum
+      ),
+    )
   if method == "sam":
     first = optax.inject_hyperparams(asam_jax.sam, static_args=("p",))(rho=rho)
   elif method == "asam":
@@ -196,6 +212,13 @@ def make_optimizer(
     first = optax.inject_hyperparams(asam_jax.asam, static_args=("p", "adaptive_mask"))(
       rho=rho, eta=eta, adaptive_mask=mask
     )
+  elif method == "gsam":
+    first = optax.inject_hyperparams(asam_jax.gsam)(rho=rho, alpha=GSAM_ALPHA)
+  elif method == "looksam":
+    first = optax.inject_hyperparams(asam_jax.looksam, static_args=("k",))(rho=rho, k=LOOKSAM_K)
+  elif method == "random_sam":
+    key = jax.random.key(seed)
+    first = optax.inject_hyperparams(lambda rho: asam_jax.random_sam(key, rho))(rho=rho)
   else:
     raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
   return optax.chain(first, base)
@@ -270,8 +293,8 @@ def train(
 
   Args:
     model_name: a key of ``MODELS``.
-    method: ``"sgd"``, ``"sam"`` or ``"asam"``.
-    seed: seeds the initialization and the batch order.
+    method: one of ``METHODS``.
+    seed: seeds the initialization, the batch order and random SAM.
     data: ``x``, ``y`` to train on and ``x_test``, ``y_test`` to evaluate on
       after every epoch.
     epochs: passes over the training set.
@@ -306,8 +329,13 @@ def train(
     convention=convention,
     learning_rate=learning_rate,
     total_steps=epochs * steps,
+    seed=seed,
   )
   opt_state = tx.init(params)
+  # Momentum-SAM holds perturbed weights; it is evaluated at the unperturbed ones.
+  weights = (
+    (lambda p, s: asam_jax.momentum_sam_weights(p, s)) if method == "msam" else (lambda p, s: p)
+  )
 
   test_acc, losses, seconds = [], [], []
   for e in range(epochs):
@@ -316,12 +344,12 @@ def train(
     loss.block_until_ready()
     seconds.append(time.perf_counter() - start)
     losses.append(float(loss))
-    test_acc.append(float(accuracy(params, x_test, y_test)))
+    test_acc.append(float(accuracy(weights(params, opt_state), x_test, y_test)))
     if on_epoch is not None:
       on_epoch(test_acc[-1])
   return {
     "test_acc": test_acc,
-    "train_acc": float(accuracy(params, x, y)),
+    "train_acc": float(accuracy(weights(params, opt_state), x, y)),
     "loss": losses,
     "ms_per_step": 1e3 * statistics.median(seconds) / steps,
   }
@@ -335,10 +363,11 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def _rho_for(args: argparse.Namespace, model: str, method: str) -> float:
-  override = {"sam": args.sam_rho, "asam": args.asam_rho}.get(method)
   if method == "sgd":
     return 0.0
-  return TUNED_RHO[model][method] if override is None else override
+  kind = "asam" if method == "asam" else "sam"
+  override = {"sam": args.sam_rho, "asam": args.asam_rho}[kind]
+  return TUNED_RHO[model][kind] if override is None else override
 
 
 def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -445,12 +474,18 @@ def _parser() -> argparse.ArgumentParser:
     description="SGD vs SAM vs ASAM on MNIST-1D (generated locally, nothing is downloaded).",
   )
   parser.add_argument("--models", nargs="+", choices=tuple(MODELS), default=list(MODELS))
-  parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+  parser.add_argument(
+    "--methods",
+    nargs="+",
+    choices=METHODS,
+    default=list(DEFAULT_METHODS),
+    help="the variants gsam, looksam, msam and random_sam use SAM's rho",
+  )
+  parser.add_argument("--sam-rho", type=float, help="SAM's rho for every model (default: tuned)")
   parser.add_argument("--seeds", type=int, default=3, help="number of seeds (0, 1, ...)")
   parser.add_argument("--epochs", type=int, default=60)
   parser.add_argument("--batch-size", type=int, default=100)
   parser.add_argument("--lr", type=float, default=0.1, help="peak SGD learning rate")
-  parser.add_argument("--sam-rho", type=float, help="SAM's rho for every model (default: tuned)")
   parser.add_argument("--asam-rho", type=float, help="ASAM's rho for every model (default: tuned)")
   parser.add_argument("--eta", type=float, default=ETA, help="ASAM's eta")
   parser.add_argument(

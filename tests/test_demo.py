@@ -158,3 +158,15 @@ def test_train_is_deterministic_given_the_seed():
   data = demo.load_mnist1d()
   a, b = (demo.train("mlp", "asam", 5, data, epochs=1, rho=0.5) for _ in range(2))
   assert a["test_acc"] == b["test_acc"] and a["loss"] == b["loss"]
+
+
+def test_the_variants_run_in_the_demo_with_sams_rho(tmp_path):
+  variants = ["gsam", "looksam", "msam", "random_sam"]
+  args = ["--models", "mlp", "--methods", *variants, "--seeds", "1", "--epochs", "1"]
+  runs = demo.main([*args, "--out", str(tmp_path)])
+  assert [(r["method"], r["rho"]) for r in runs] == [
+    (m, demo.TUNED_RHO["mlp"]["sam"]) for m in variants
+  ]
+  for run in runs:
+    assert run["test_acc"][0][-1] > 0.2, run["method"]  # well above chance after one epoch
+  assert "| mlp | LOOKSAM |" in (tmp_path / "results.md").read_text()
