@@ -93,12 +93,9 @@ def looksam(
     rho,
     eta,
     adaptive=adaptive,
-    p=2,
     eps=eps,
     adaptive_mask=adaptive_mask,
     perturb_mask=perturb_mask,
-    axis_name=None,
-    sync_perturbation=False,
     has_aux=has_aux,
   )
 

@@ -117,14 +117,15 @@ def _sharpness_aware(
   eta: ScalarOrSchedule,
   *,
   adaptive: bool,
-  p: float,
   eps: float,
   adaptive_mask: Mask | None,
   perturb_mask: Mask | None,
-  axis_name: Any,
-  sync_perturbation: bool,
   has_aux: bool,
+  p: float = 2,
+  axis_name: Any = None,
+  sync_perturbation: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
+  """The SAM/ASAM transformation behind :func:`sam`, :func:`asam` and the variants."""
   p = _validation.check_p(p)
   _validation.check_nonnegative("rho", rho)
   _validation.check_nonnegative("eta", eta)
