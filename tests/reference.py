@@ -14,11 +14,24 @@ def flat(leaves):
   )
 
 
+def diagonal_t(w_leaves, eta, adaptive):
+  """The diagonal of T_w as one flat vector: |w| + eta on adaptive leaves, 1 elsewhere.
+
+  adaptive: one bool per leaf, or None for SAM (T = 1 everywhere).
+  """
+  adaptive = [False] * len(w_leaves) if adaptive is None else adaptive
+  return flat(
+    [
+      np.abs(np.asarray(w, np.float64)) + eta if a else np.ones(np.shape(w))
+      for w, a in zip(w_leaves, adaptive)
+    ]
+  )
+
+
 def perturbation(g_leaves, w_leaves, *, rho, eta=0.0, adaptive=None, perturb=None, p=2.0):
   """Returns eps as a list of float64 arrays shaped like w_leaves.
 
-  adaptive / perturb: one bool per leaf (default: all True / all True).
-  adaptive=None with eta=None means SAM (T = 1 everywhere).
+  adaptive / perturb: one bool per leaf (default: none adaptive, all perturbed).
   """
   n = len(w_leaves)
   perturb = [True] * n if perturb is None else perturb
@@ -26,12 +39,7 @@ def perturbation(g_leaves, w_leaves, *, rho, eta=0.0, adaptive=None, perturb=Non
   shapes = [np.shape(w) for w in w_leaves]
   on = [i for i in range(n) if perturb[i]]
   g = flat([g_leaves[i] for i in on])
-  t = flat(
-    [
-      np.abs(np.asarray(w_leaves[i], np.float64)) + eta if adaptive[i] else np.ones(shapes[i])
-      for i in on
-    ]
-  )
+  t = diagonal_t([w_leaves[i] for i in on], eta, [adaptive[i] for i in on])
   a = t * g
   if p == np.inf:
     e = rho * t * np.sign(g)
@@ -59,29 +67,15 @@ def perturbation(g_leaves, w_leaves, *, rho, eta=0.0, adaptive=None, perturb=Non
 
 def ball_norm(eps_leaves, w_leaves, *, eta=0.0, adaptive=None, p=2.0):
   """||T^-1 eps||_p over all leaves, with 0/0 read as 0."""
-  n = len(w_leaves)
-  adaptive = [False] * n if adaptive is None else adaptive
   e = flat(eps_leaves)
-  t = flat(
-    [
-      np.abs(np.asarray(w, np.float64)) + eta if adaptive[i] else np.ones(np.shape(w))
-      for i, w in enumerate(w_leaves)
-    ]
-  )
+  t = diagonal_t(w_leaves, eta, adaptive)
   u = np.divide(e, t, out=np.zeros_like(e), where=t != 0)
   return np.linalg.norm(u, ord=p) if u.size else 0.0
 
 
 def dual_norm(g_leaves, w_leaves, *, eta=0.0, adaptive=None, p=2.0):
   """||T g||_q, q the dual exponent of p: the maximum of eps^T g on the unit ball."""
-  n = len(w_leaves)
-  adaptive = [False] * n if adaptive is None else adaptive
   g = flat(g_leaves)
-  t = flat(
-    [
-      np.abs(np.asarray(w, np.float64)) + eta if adaptive[i] else np.ones(np.shape(w))
-      for i, w in enumerate(w_leaves)
-    ]
-  )
+  t = diagonal_t(w_leaves, eta, adaptive)
   q = np.inf if p == 1 else (1.0 if p == np.inf else p / (p - 1))
   return np.linalg.norm(t * g, ord=q) if g.size else 0.0
