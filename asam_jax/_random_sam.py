@@ -84,6 +84,10 @@ def random_sam(
   """
   _validation.check_nonnegative("rho", rho)
   _validation.check_nonnegative("eta", eta)
+  is_typed_key = isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+  is_raw_key = isinstance(key, jax.Array) and key.dtype == jnp.uint32 and key.shape == (2,)
+  if not (is_typed_key or is_raw_key):
+    raise TypeError(f"key must be a jax PRNG key, e.g. jax.random.key(0), got {key!r}.")
 
   def init_fn(params):
     resolve_mask(perturb_mask, params, "perturb_mask")

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import asam_jax
 
@@ -69,3 +70,8 @@ def test_chain_with_a_base_optimizer():
   updates, _ = jax.jit(lambda w: tx.update(w, tx.init(w), w, loss_fn=loss_fn))(W)
   # rho = 0: the clean gradient, whatever was passed as updates.
   np.testing.assert_allclose(updates["a"], -0.1 * (W["a"] - CENTRE), rtol=1e-6)
+
+
+def test_a_key_that_is_not_a_prng_key_is_refused():
+  with pytest.raises(TypeError, match=r"key must be a jax PRNG key, e\.g\. jax\.random\.key\(0\)"):
+    asam_jax.random_sam(0, rho=0.1)
