@@ -77,3 +77,25 @@ def resolve_mask(mask: Mask | None, params: Any, name: str) -> Any:
         f"{type(leaf).__name__} at {jax.tree_util.keystr(path)}."
       )
   return jax.tree.map(bool, full)
+
+
+def resolve_masks(
+  params: Any, *, adaptive: bool, adaptive_mask: Mask | None, perturb_mask: Mask | None
+) -> tuple[Any, Any]:
+  """Both masks of a perturbation, one Python bool per leaf of ``params``.
+
+  Args:
+    params: the parameters the masks refer to.
+    adaptive: whether ``T_w`` scales any leaf; without it no leaf is scaled.
+    adaptive_mask: which leaves ``T_w`` scales, in any form :func:`resolve_mask` takes.
+    perturb_mask: which leaves are perturbed, likewise.
+
+  Returns:
+    ``(perturbed, scaled)``, two pytrees of bools with the structure of ``params``.
+  """
+  perturbed = resolve_mask(perturb_mask, params, "perturb_mask")
+  if adaptive:
+    scaled = resolve_mask(adaptive_mask, params, "adaptive_mask")
+  else:
+    scaled = jax.tree.map(lambda _: False, params)
+  return perturbed, scaled

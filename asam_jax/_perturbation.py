@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from asam_jax import _validation
-from asam_jax._masks import Mask, resolve_mask
+from asam_jax._masks import Mask, resolve_masks
 
 
 def accumulation_dtype(x: chex.Array) -> jnp.dtype:
@@ -165,11 +165,9 @@ def perturbation_with_norm(
       "grads and params must have the same tree structure.\n"
       f"  grads:  {jax.tree.structure(grads)}\n  params: {jax.tree.structure(params)}"
     )
-  perturbed = resolve_mask(perturb_mask, params, "perturb_mask")
-  if adaptive:
-    scaled = resolve_mask(adaptive_mask, params, "adaptive_mask")
-  else:
-    scaled = jax.tree.map(lambda _: False, params)
+  perturbed, scaled = resolve_masks(
+    params, adaptive=adaptive, adaptive_mask=adaptive_mask, perturb_mask=perturb_mask
+  )
 
   paths_and_w, treedef = jax.tree_util.tree_flatten_with_path(params)
   g_leaves = treedef.flatten_up_to(grads)

@@ -11,7 +11,7 @@ import optax
 from optax._src import numerics
 
 from asam_jax import _validation
-from asam_jax._masks import Mask, resolve_mask
+from asam_jax._masks import Mask, resolve_masks
 from asam_jax._perturbation import global_norm
 from asam_jax._sam import ScalarOrSchedule, _check_call, _value_and_grad_at, _value_at
 from asam_jax._sharpness import random_perturbation
@@ -90,9 +90,8 @@ def random_sam(
     raise TypeError(f"key must be a jax PRNG key, e.g. jax.random.key(0), got {key!r}.")
 
   def init_fn(params):
-    resolve_mask(perturb_mask, params, "perturb_mask")
-    if adaptive:
-      resolve_mask(adaptive_mask, params, "adaptive_mask")
+    # Masks are checked against the parameters here, before any tracing.
+    resolve_masks(params, adaptive=adaptive, adaptive_mask=adaptive_mask, perturb_mask=perturb_mask)
     zero = jnp.zeros([], jnp.float32)
     return RandomSAMState(jnp.zeros([], jnp.int32), key, zero, zero)
 

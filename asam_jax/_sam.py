@@ -12,7 +12,7 @@ import optax
 from optax._src import numerics
 
 from asam_jax import _validation
-from asam_jax._masks import Mask, resolve_mask
+from asam_jax._masks import Mask, resolve_masks
 from asam_jax._perturbation import perturbation_with_norm
 from asam_jax._varying import invariant_axes, to_varying
 
@@ -138,9 +138,7 @@ def _sharpness_aware(
 
   def init_fn(params):
     # Masks are checked against the parameters here, before any tracing.
-    resolve_mask(perturb_mask, params, "perturb_mask")
-    if adaptive:
-      resolve_mask(adaptive_mask, params, "adaptive_mask")
+    resolve_masks(params, adaptive=adaptive, adaptive_mask=adaptive_mask, perturb_mask=perturb_mask)
     return SAMState(
       count=jnp.zeros([], jnp.int32),
       perturbed_loss=jnp.zeros([], jnp.float32),

@@ -21,17 +21,14 @@ import jax
 import jax.numpy as jnp
 
 from asam_jax import _validation
-from asam_jax._masks import Mask, resolve_mask
+from asam_jax._masks import Mask, resolve_masks
 from asam_jax._perturbation import global_norm, perturbation
 
 
 def _ball_scale(params, *, eta, adaptive, adaptive_mask, perturb_mask):
   """``T_w`` leaf by leaf: ``|w| + eta``, ``1``, or ``0`` on leaves never perturbed."""
-  on = resolve_mask(perturb_mask, params, "perturb_mask")
-  scaled = (
-    resolve_mask(adaptive_mask, params, "adaptive_mask")
-    if adaptive
-    else jax.tree.map(lambda _: False, params)
+  on, scaled = resolve_masks(
+    params, adaptive=adaptive, adaptive_mask=adaptive_mask, perturb_mask=perturb_mask
   )
 
   def scale(w, on, s):
