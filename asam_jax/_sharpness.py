@@ -19,6 +19,7 @@ from typing import Any
 import chex
 import jax
 import jax.numpy as jnp
+import optax
 
 from asam_jax import _validation
 from asam_jax._masks import Mask, resolve_masks
@@ -180,7 +181,7 @@ def sharpness(
   _validation.check_nonnegative("step_size", step_size)
   ball = dict(eta=eta, adaptive=adaptive, adaptive_mask=adaptive_mask, perturb_mask=perturb_mask)
   t = _ball_scale(params, **ball)
-  shift = lambda eps: jax.tree.map(lambda w, e: w + e, params, eps)
+  shift = lambda eps: optax.apply_updates(params, eps)
 
   clean, grads = jax.value_and_grad(loss_fn)(params)
   if key is None:

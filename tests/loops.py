@@ -3,8 +3,8 @@
 import functools
 
 import jax
-import numpy as np
 import optax
+import reference
 from test_sam import W0, X, Y, ls_grad64, ls_loss
 
 
@@ -24,9 +24,7 @@ def run(tx, params, steps):
 
 def flat(tree):
   """A {"b", "w"} pytree as one float64 vector, and back."""
-  return np.concatenate(
-    [np.asarray(tree["b"], np.float64), np.asarray(tree["w"], np.float64).ravel()]
-  )
+  return reference.flat([tree["b"], tree["w"]])
 
 
 def unflat(v):
