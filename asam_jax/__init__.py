@@ -7,7 +7,7 @@ Example:
 
 from asam_jax._gsam import gsam, gsam_rho_schedule
 from asam_jax._looksam import LookSAMState, looksam
-from asam_jax._masks import kernel_mask
+from asam_jax._masks import kernel_mask, weight_mask
 from asam_jax._momentum_sam import MomentumSAMState, momentum_sam, momentum_sam_weights
 from asam_jax._perturbation import perturbation
 from asam_jax._random_sam import RandomSAMState, random_sam
@@ -39,4 +39,5 @@ __all__ = [
   "sharpness",
   "split_batch",
   "to_varying",
+  "weight_mask",
 ]

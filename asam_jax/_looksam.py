@@ -49,10 +49,22 @@ def looksam(
   (ASAM's when ``adaptive``) and stores ``g_v = g_s - (<g, g_s> / ||g||^2) g``,
   the part of ``g_s`` orthogonal to the clean gradient ``g``. On the other
   steps it returns ``g + alpha (||g|| / ||g_v||) g_v`` and never calls
-  ``loss_fn``: the branch is a ``lax.cond``, so under ``jit`` the second
-  forward and backward pass really runs once every ``k`` steps (but under a
-  ``vmap`` that batches the state, ``cond`` becomes a select that runs both). Average
-  cost: ``1 + 1/k`` gradients per step. Put it first in an ``optax.chain``.
+  ``loss_fn``. Average cost: ``1 + 1/k`` gradients per step. Put it first in
+  an ``optax.chain``.
+
+  Which step is full is chosen in one of two ways:
+
+  * ``update(..., full_step=None)`` (the default): a ``lax.cond`` on the step
+    count, so one compiled step serves every step and the second forward and
+    backward pass really runs once every ``k`` steps (but under a ``vmap``
+    that batches the state, ``cond`` becomes a select that runs both).
+  * ``update(..., full_step=True)`` or ``full_step=False``, a Python bool: the
+    branch is picked when the step is traced. Compile the train step twice
+    (e.g. with ``full_step`` a static argument) and call the full one every
+    ``k``-th step. Use this on XLA:CPU, where a gradient inside a taken
+    ``lax.cond`` branch runs backward convolutions several times slower
+    (see ``benchmarks/README.md``); ``k`` then only serves the default. A
+    reuse step before any full step reuses ``g_v = 0`` and returns ``g``.
 
   Args:
     rho: the radius, >= 0, or a schedule.
@@ -102,26 +114,33 @@ def looksam(
   def init_fn(params):
     return LookSAMState(sam_tx.init(params), jax.tree.map(jnp.zeros_like, params))
 
-  def update_fn(updates, state, params=None, *, loss_fn=None, **extra_args):
+  def update_fn(updates, state, params=None, *, loss_fn=None, full_step=None, **extra_args):
     del extra_args
-    _check_call(loss_fn, params)
     grads = updates
+    if full_step is not None and not isinstance(full_step, bool):
+      raise TypeError(
+        f"full_step must be a Python bool or None, got {full_step!r}: it picks the branch "
+        "when the step is traced. Compile one step with full_step=True and one with "
+        "full_step=False, and call the first every k-th step."
+      )
+    if full_step is not False:
+      _check_call(loss_fn, params)
 
-    def full_step(sam_state, _):
+    def full(sam_state, _):
       g_s, sam_state = sam_tx.update(grads, sam_state, params, loss_fn=loss_fn)
       projection = tree_vdot(grads, g_s) / jnp.maximum(tree_vdot(grads, grads), eps)
       g_v = jax.tree.map(lambda s, g: (s - projection * g).astype(s.dtype), g_s, grads)
       return g_s, LookSAMState(sam_state, g_v)
 
-    def reuse_step(sam_state, g_v):
+    def reuse(sam_state, g_v):
       scale = alpha * global_norm(grads) / jnp.maximum(global_norm(g_v), eps)
       out = jax.tree.map(lambda g, v: (g + scale * v).astype(g.dtype), grads, g_v)
       return out, LookSAMState(
         sam_state._replace(count=numerics.safe_increment(sam_state.count)), g_v
       )
 
-    return jax.lax.cond(
-      state.sam.count % k == 0, full_step, reuse_step, state.sam, state.orthogonal
-    )
+    if full_step is None:
+      return jax.lax.cond(state.sam.count % k == 0, full, reuse, state.sam, state.orthogonal)
+    return (full if full_step else reuse)(state.sam, state.orthogonal)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -12,14 +12,16 @@ Mask = Any | Callable[[Any], Any]
 
 
 def kernel_mask(params: Any) -> Any:
-  """Selects weight matrices and kernels: the official ASAM code's convention.
+  """Selects the leaves with two or more dimensions: weight matrices and kernels.
 
-  The reference PyTorch ASAM (Kwon et al., 2021) scales the perturbation by
-  ``|w| + eta`` only for weights, so biases and other 1-D parameters get
-  T = 1. This mask reproduces that: a leaf is selected when it has two or more
-  dimensions. Pass it as ``adaptive_mask``. The default of
-  :func:`asam_jax.asam` instead scales every leaf, which is the paper's
-  T_w = diag(|w| + eta) and the only choice that keeps the perturbed loss
+  A shape rule, for ``adaptive_mask``: biases, normalization scales and other
+  1-D parameters get ``T = 1``. It is *not* the official ASAM code's
+  convention, which selects by name and so also scales BatchNorm's and
+  LayerNorm's 1-D ``weight`` (and leaves a 2-D position embedding unscaled);
+  :func:`weight_mask` reproduces that. The two agree on models without
+  normalization layers or free-standing 2-D parameters. The default of
+  :func:`asam_jax.asam` scales every leaf, which is the paper's
+  ``T_w = diag(|w| + eta)`` and the only choice that keeps the perturbed loss
   invariant when a neuron's incoming weights *and bias* are rescaled.
 
   Args:
@@ -38,6 +40,65 @@ def kernel_mask(params: Any) -> Any:
     Scale-Invariant Learning of Deep Neural Networks, ICML 2021.
   """
   return jax.tree.map(lambda x: np.ndim(x) >= 2, params)
+
+
+# The names Flax (Linen and NNX) and Equinox give the parameters that PyTorch
+# calls ``weight``: dense and conv kernels, normalization scales, embeddings.
+WEIGHT_NAMES = frozenset({"kernel", "scale", "embedding", "weight"})
+# Wrappers whose leaf is the parameter itself (NNX's Variable, in a State).
+_WRAPPER_NAMES = frozenset({"value", "raw_value"})
+
+
+def _leaf_name(path: tuple[Any, ...]) -> str | None:
+  """The name of the parameter a key path ends at: its last named key, past wrappers."""
+  for key in reversed(path):
+    name = getattr(key, "key", getattr(key, "name", None))
+    if isinstance(name, str) and name not in _WRAPPER_NAMES:
+      return name
+  return None
+
+
+def weight_mask(params: Any) -> Any:
+  """Selects the leaves PyTorch would name ``weight``: the official ASAM code's convention.
+
+  The official ASAM code (SamsungLabs/ASAM) scales a parameter by
+  ``|w| + eta`` when ``'weight' in name``: the weights of linear and
+  convolution layers, and the 1-D ``weight`` of BatchNorm and LayerNorm;
+  biases and free-standing parameters (a ViT's position embedding or class
+  token) get ``T = 1``. Flax and Equinox name those leaves differently, so
+  this mask selects a leaf by the last name on its path:
+
+  * ``kernel`` (Flax Dense and Conv), ``scale`` (Flax BatchNorm, LayerNorm,
+    GroupNorm, RMSNorm), ``embedding`` (Flax Embed), ``weight`` (Equinox
+    Linear, Conv, LayerNorm, BatchNorm, Embedding): selected;
+  * everything else, ``bias`` and names such as ``pos_embedding`` or ``cls``:
+    not selected.
+
+  Pass it as ``adaptive_mask``. Where the names differ from these (a custom
+  module), build the mask yourself: any pytree of bools, or a callable of
+  params, works.
+
+  Args:
+    params: a pytree of arrays whose paths end in parameter names: dicts (Flax
+      Linen), ``nnx.State`` (NNX) or Equinox modules.
+
+  Returns:
+    A pytree of Python bools with the structure of ``params``.
+
+  Example:
+    >>> import jax.numpy as jnp, asam_jax
+    >>> params = {"Dense_0": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones(2)},
+    ...           "LayerNorm_0": {"scale": jnp.ones(2), "bias": jnp.ones(2)},
+    ...           "pos_embedding": jnp.ones((4, 2))}
+    >>> asam_jax.weight_mask(params)
+    {'Dense_0': {'bias': False, 'kernel': True}, 'LayerNorm_0': {'bias': False, 'scale': True}, 'pos_embedding': False}
+
+  References:
+    Kwon et al., ASAM: Adaptive Sharpness-Aware Minimization for
+    Scale-Invariant Learning of Deep Neural Networks, ICML 2021; the official
+    code, https://github.com/SamsungLabs/ASAM (``asam.py``).
+  """
+  return jax.tree_util.tree_map_with_path(lambda path, _: _leaf_name(path) in WEIGHT_NAMES, params)
 
 
 def resolve_mask(mask: Mask | None, params: Any, name: str) -> Any:

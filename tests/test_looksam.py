@@ -1,5 +1,7 @@
 """looksam against Liu et al.'s Algorithm 1 in float64 NumPy, and its skipped passes."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -72,7 +74,7 @@ def test_skipped_steps_do_not_evaluate_the_loss():
   jax.effects_barrier()
   assert len(calls) == 2
   # And the compiled program branches rather than selects.
-  assert "conditional" in train.lower(f32(W0)).compile().as_text()
+  assert " conditional(" in train.lower(f32(W0)).compile().as_text()
 
 
 def test_bad_arguments_fail_with_instructions():
@@ -84,3 +86,27 @@ def test_bad_arguments_fail_with_instructions():
     tx = asam_jax.looksam()
     params = {"w": jnp.ones(2)}
     tx.update(params, tx.init(params), params)
+
+
+def test_static_full_step_equals_the_cond_and_compiles_no_conditional():
+  """Two compiled steps, the full one every k-th, give the lax.cond version's trajectory."""
+  tx = optax.chain(asam_jax.looksam(rho=0.3, k=3, alpha=0.7), optax.sgd(0.1))
+
+  @functools.partial(jax.jit, static_argnames="full_step")
+  def step(params, state, full_step=None):
+    loss_fn = lambda p: ls_loss(p, X, Y)
+    grads = jax.grad(loss_fn)(params)
+    updates, state = tx.update(grads, state, params, loss_fn=loss_fn, full_step=full_step)
+    return optax.apply_updates(params, updates), state
+
+  params, state = f32(W0), tx.init(f32(W0))
+  want, want_state = params, state
+  for t in range(7):
+    params, state = step(params, state, full_step=t % 3 == 0)
+    want, want_state = step(want, want_state)
+  chex.assert_trees_all_close((params, state), (want, want_state), rtol=1e-6, atol=1e-7)
+  for full_step in (True, False):
+    hlo = step.lower(params, state, full_step=full_step).compile().as_text()
+    assert " conditional(" not in hlo
+  with pytest.raises(TypeError, match="full_step must be a Python bool"):
+    step(params, state, full_step=jnp.array(True))
