@@ -109,4 +109,4 @@ def test_static_full_step_equals_the_cond_and_compiles_no_conditional():
     hlo = step.lower(params, state, full_step=full_step).compile().as_text()
     assert " conditional(" not in hlo
   with pytest.raises(TypeError, match="full_step must be a Python bool"):
-    step(params, state, full_step=jnp.array(True))
+    tx.update(params, state, params, loss_fn=lambda p: ls_loss(p, X, Y), full_step=jnp.array(1))
