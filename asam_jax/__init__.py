@@ -5,10 +5,16 @@ Example:
   >>> tx = optax.chain(asam_jax.asam(rho=0.5, eta=0.01), optax.sgd(0.1, momentum=0.9))
 """
 
+from asam_jax._alternating import AlternatingState, alternating
 from asam_jax._gsam import gsam, gsam_rho_schedule
 from asam_jax._looksam import LookSAMState, looksam
 from asam_jax._masks import kernel_mask, weight_mask
-from asam_jax._momentum_sam import MomentumSAMState, momentum_sam, momentum_sam_weights
+from asam_jax._momentum_sam import (
+  MomentumSAMState,
+  momentum_sam,
+  momentum_sam_adamw,
+  momentum_sam_weights,
+)
 from asam_jax._perturbation import perturbation
 from asam_jax._random_sam import RandomSAMState, random_sam
 from asam_jax._sam import SAMState, asam, sam
@@ -19,10 +25,12 @@ from asam_jax.parallel import grouped_update, split_batch
 __version__ = "0.1.0"
 
 __all__ = [
+  "AlternatingState",
   "LookSAMState",
   "MomentumSAMState",
   "RandomSAMState",
   "SAMState",
+  "alternating",
   "asam",
   "average_sharpness",
   "grouped_update",
@@ -31,6 +39,7 @@ __all__ = [
   "kernel_mask",
   "looksam",
   "momentum_sam",
+  "momentum_sam_adamw",
   "momentum_sam_weights",
   "perturbation",
   "random_perturbation",

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import optax
-from optax.tree_utils import tree_vdot
 
 from asam_jax import _validation
+from asam_jax._ascent import Ascent, ScalarOrSchedule, check_call, make_ascent
 from asam_jax._masks import Mask
-from asam_jax._sam import ScalarOrSchedule, _sharpness_aware
+from asam_jax._norms import inner_products
+from asam_jax._sam import SAMState, init, like, next_state
 
 
 def gsam_rho_schedule(
@@ -23,14 +27,16 @@ def gsam_rho_schedule(
   """GSAM's radius, which follows the learning rate between ``rho_min`` and ``rho_max``.
 
   ``rho_t = rho_min + (rho_max - rho_min) (lr_t - lr_min) / (lr_max - lr_min)``,
-  so ``rho_t = rho_max`` at the peak learning rate and ``rho_min`` at its floor.
+  clamped to ``[rho_min, rho_max]`` (so a warm-up from 0 starts at
+  ``rho_min``), and ``rho_max`` throughout for a constant learning rate
+  (``lr_max == lr_min``), as big_vision does.
 
   Args:
     learning_rate: the optimizer's learning-rate schedule.
     rho_max: the radius at ``lr_max``.
     rho_min: the radius at ``lr_min``, 0 <= rho_min <= rho_max.
     lr_max: the schedule's largest value (after warm-up).
-    lr_min: the schedule's smallest value, < lr_max.
+    lr_min: the schedule's smallest value after warm-up, <= lr_max.
 
   Returns:
     An optax schedule ``count -> rho_t``, for :func:`gsam`'s ``rho``.
@@ -50,17 +56,61 @@ def gsam_rho_schedule(
   _validation.check_nonnegative("rho_max", rho_max)
   if not rho_min <= rho_max:
     raise ValueError(f"rho_min must be <= rho_max, got rho_min={rho_min}, rho_max={rho_max}.")
-  if not lr_min < lr_max:
+  if not lr_min <= lr_max:
     raise ValueError(
-      f"lr_max must be > lr_min, got lr_max={lr_max}, lr_min={lr_min}: they are the "
+      f"lr_max must be >= lr_min, got lr_max={lr_max}, lr_min={lr_min}: they are the "
       "learning-rate schedule's largest and smallest values."
     )
+  if lr_max == lr_min:
+    return lambda count: jnp.full([], rho_max, jnp.float32)
 
   def schedule(count):
     fraction = (learning_rate(count) - lr_min) / (lr_max - lr_min)
-    return rho_min + (rho_max - rho_min) * fraction
+    return jnp.clip(rho_min + (rho_max - rho_min) * fraction, rho_min, rho_max)
 
   return schedule
+
+
+def _surrogate_gap_direction(g, g_p, alpha, minimize_fp, layout):
+  """``g_p - alpha g_perp`` (``g_perp`` of ``g`` against ``g_p``), or big_vision's other form."""
+  g_leaves, treedef = jax.tree.flatten(g)
+  p_leaves = treedef.flatten_up_to(g_p)
+  own = (1, 1) if minimize_fp else (0, 0)
+  (cross, norm), (s_g, s_p) = inner_products(
+    [g_leaves, p_leaves], [(0, 1), own], layout, range(len(g_leaves))
+  )
+  if minimize_fp:
+    # g_perp = g - c g_p with c = <g, g_p> / ||g_p||^2: d = (1 + alpha c) g_p - alpha g.
+    c = jnp.where(norm > 0, cross / norm, 0) * (s_p / s_g)
+    a, b = 1 + alpha * c, -alpha
+  else:
+    # g_p's part orthogonal to g, added to g: d = alpha g_p + (1 - alpha c) g.
+    c = jnp.where(norm > 0, cross / norm, 0) * (s_g / s_p)
+    a, b = alpha, 1 - alpha * c
+  return jax.tree.map(lambda gp, x: (a * gp + b * x).astype(gp.dtype), g_p, g)
+
+
+def _update(
+  ascent: Ascent,
+  alpha: Any,
+  minimize_fp: bool,
+  updates: optax.Updates,
+  state: SAMState,
+  params: optax.Params | None = None,
+  *,
+  loss_fn: Any = None,
+  **extra_args: Any,
+) -> tuple[optax.Updates, SAMState]:
+  del extra_args
+  check_call(ascent.who, loss_fn, params)
+  layout = ascent.layout(params, updates)
+  g = layout.ascent_gradient(updates)
+  loss, g_p, reached = ascent.climb(g, params, state.count, loss_fn, layout)
+  # Per device, then averaged (big_vision's trainer); with sync, from the global g and g_p.
+  direction = _surrogate_gap_direction(
+    g, g_p, _validation.guard(alpha, jnp.float32), minimize_fp, layout
+  )
+  return like(layout.finish(direction), updates), next_state(state, layout, loss, reached)
 
 
 def gsam(
@@ -69,9 +119,12 @@ def gsam(
   *,
   adaptive: bool = False,
   eta: ScalarOrSchedule = 0.0,
-  eps: float = 1e-12,
+  eps: float = 0.0,
   adaptive_mask: Mask | None = None,
   perturb_mask: Mask | None = None,
+  minimize_fp: bool = True,
+  axis_name: Any = None,
+  sync_perturbation: bool = False,
   has_aux: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Surrogate Gap Guided SAM: SAM's gradient minus ``alpha`` times the clean gradient's orthogonal part.
@@ -85,8 +138,8 @@ def gsam(
   clean loss along a direction that leaves the perturbed one unchanged to first
   order, shrinking the surrogate gap ``L(w + eps) - L(w)``. ``alpha = 0``
   with a constant ``rho`` is exactly SAM. The paper ties ``rho`` to the
-  learning rate: pass :func:`gsam_rho_schedule`. Costs what SAM costs: two
-  gradients per step. Put it first in an ``optax.chain``.
+  learning rate: pass :func:`gsam_rho_schedule`. Costs SAM plus the reads of
+  ``<g, g_p>`` and ``||g_p||``. Put it first in an ``optax.chain``.
 
   Args:
     rho: the radius, >= 0, or a schedule (e.g. :func:`gsam_rho_schedule`).
@@ -94,10 +147,19 @@ def gsam(
       0.01 to 0.3).
     adaptive: perturb in ASAM's geometry ``T_w = diag(|w| + eta)``.
     eta: ASAM's offset, >= 0, or a schedule; ignored unless ``adaptive``.
-    eps: the smallest norm divided by: a zero gradient gives ``eps = 0`` and a
-      zero ``g_p`` gives ``g_perp = g``, never NaN.
+    eps: as in :func:`asam_jax.sam`. Zero ``g_p`` (or ``g``) give a zero
+      projection, never NaN.
     adaptive_mask: which leaves ``T_w`` scales, as in :func:`asam_jax.asam`.
     perturb_mask: which leaves are perturbed at all.
+    minimize_fp: ``True`` (the paper's GSAM): descend along
+      ``g_p - alpha g_perp``. ``False`` (big_vision's other option): split
+      ``g_p`` against ``g`` instead and descend along
+      ``g + alpha (g_p - (<g, g_p> / ||g||^2) g)``.
+    axis_name: as in :func:`asam_jax.sam`. Each device decomposes its own
+      ``g`` and ``g_p`` and the directions are averaged, as in big_vision's
+      trainer.
+    sync_perturbation: as in :func:`asam_jax.sam`; the decomposition is then of
+      the averaged ``g`` and ``g_p``, as on one device with the whole batch.
     has_aux: ``loss_fn`` returns ``(loss, aux)``; the perturbed ``aux`` is dropped.
 
   Returns:
@@ -116,25 +178,21 @@ def gsam(
 
   References:
     Zhuang et al., Surrogate Gap Guided Sharpness-Aware Minimization, ICLR
-    2022, Algorithm 1.
+    2022, Algorithm 1; big_vision's ``gsam_gradient`` for ``minimize_fp``.
   """
   _validation.check_nonnegative("alpha", alpha)
-  sam_tx = _sharpness_aware(
+  ascent = make_ascent(
+    "gsam",
     rho,
     eta,
     adaptive=adaptive,
     eps=eps,
     adaptive_mask=adaptive_mask,
     perturb_mask=perturb_mask,
+    axis_name=axis_name,
+    sync_perturbation=sync_perturbation,
     has_aux=has_aux,
   )
-
-  def update_fn(updates, state, params=None, *, loss_fn=None, **extra_args):
-    g_p, state = sam_tx.update(updates, state, params, loss_fn=loss_fn, **extra_args)
-    coefficient = tree_vdot(updates, g_p) / jnp.maximum(tree_vdot(g_p, g_p), eps)
-    out = jax.tree.map(
-      lambda gp, g: (gp - alpha * (g - coefficient * gp)).astype(gp.dtype), g_p, updates
-    )
-    return out, state
-
-  return optax.GradientTransformationExtraArgs(sam_tx.init, update_fn)
+  return optax.GradientTransformationExtraArgs(
+    functools.partial(init, ascent), functools.partial(_update, ascent, alpha, minimize_fp)
+  )

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 from optax._src import numerics
-from optax.tree_utils import tree_vdot
 
 from asam_jax import _validation
+from asam_jax._ascent import Ascent, ScalarOrSchedule, check_call, make_ascent
 from asam_jax._masks import Mask
-from asam_jax._perturbation import global_norm
-from asam_jax._sam import SAMState, ScalarOrSchedule, _check_call, _sharpness_aware
+from asam_jax._norms import inner_products
+from asam_jax._sam import SAMState, init, like, next_state
 
 
 class LookSAMState(NamedTuple):
@@ -24,11 +25,75 @@ class LookSAMState(NamedTuple):
       counts every step, and ``perturbed_loss`` and ``perturbation_norm`` are
       those of the last full step.
     orthogonal: ``g_v``, the part of the last full step's SAM gradient
-      orthogonal to its clean gradient, reused until the next full step.
+      orthogonal to its clean gradient, reused until the next full step
+      (averaged over ``axis_name``).
   """
 
   sam: SAMState
   orthogonal: Any
+
+
+def _orthogonal_part(g, g_s, layout):
+  """``g_v = g_s - (<g, g_s> / ||g||^2) g``."""
+  g_leaves, treedef = jax.tree.flatten(g)
+  (cross, norm), (s_g, s_s) = inner_products(
+    [g_leaves, treedef.flatten_up_to(g_s)], [(0, 1), (0, 0)], layout, range(len(g_leaves))
+  )
+  c = jnp.where(norm > 0, cross / norm, 0) * (s_g / s_s)
+  return jax.tree.map(lambda s, x: (s - c * x).astype(s.dtype), g_s, g)
+
+
+def _reuse(g, g_v, alpha, layout):
+  """``g + alpha (||g|| / ||g_v||) g_v``."""
+  g_leaves, treedef = jax.tree.flatten(g)
+  (gg, vv), (s_g, s_v) = inner_products(
+    [g_leaves, treedef.flatten_up_to(g_v)], [(0, 0), (1, 1)], layout, range(len(g_leaves))
+  )
+  scale = alpha * jnp.where(vv > 0, jnp.sqrt(gg / jnp.where(vv > 0, vv, 1)), 0) * (s_v / s_g)
+  return jax.tree.map(lambda x, v: (x + scale * v).astype(x.dtype), g, g_v)
+
+
+def _update(
+  ascent: Ascent,
+  k: int,
+  alpha: Any,
+  updates: optax.Updates,
+  state: LookSAMState,
+  params: optax.Params | None = None,
+  *,
+  loss_fn: Any = None,
+  full_step: bool | None = None,
+  **extra_args: Any,
+) -> tuple[optax.Updates, LookSAMState]:
+  del extra_args
+  if full_step is not None and not isinstance(full_step, bool):
+    raise TypeError(
+      f"full_step must be a Python bool or None, got {full_step!r}: it picks the branch "
+      "when the step is traced. Compile one step with full_step=True and one with "
+      "full_step=False, and call the first every k-th step."
+    )
+  if full_step is not False:
+    check_call(ascent.who, loss_fn, params)
+  layout = ascent.layout(params, updates)
+  g = layout.ascent_gradient(updates)
+  alpha = _validation.guard(alpha, jnp.float32)
+
+  def full(sam_state, _):
+    loss, g_s, reached = ascent.climb(g, params, sam_state.count, loss_fn, layout)
+    # Per device and then averaged, like GSAM; with sync, from the global g and g_s.
+    out, g_v = layout.finish((g_s, _orthogonal_part(g, g_s, layout)))
+    return like(out, updates), LookSAMState(
+      next_state(sam_state, layout, loss, reached), like(g_v, state.orthogonal)
+    )
+
+  def reuse(sam_state, g_v):
+    out = layout.finish(_reuse(g, g_v, alpha, layout))
+    sam_state = sam_state._replace(count=numerics.safe_increment(sam_state.count))
+    return like(out, updates), LookSAMState(sam_state, g_v)
+
+  if full_step is None:
+    return jax.lax.cond(state.sam.count % k == 0, full, reuse, state.sam, state.orthogonal)
+  return (full if full_step else reuse)(state.sam, state.orthogonal)
 
 
 def looksam(
@@ -38,9 +103,11 @@ def looksam(
   *,
   adaptive: bool = False,
   eta: ScalarOrSchedule = 0.0,
-  eps: float = 1e-12,
+  eps: float = 0.0,
   adaptive_mask: Mask | None = None,
   perturb_mask: Mask | None = None,
+  axis_name: Any = None,
+  sync_perturbation: bool = False,
   has_aux: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """LookSAM: a full SAM step every ``k`` steps, its orthogonal gradient reused in between.
@@ -73,14 +140,20 @@ def looksam(
       0.7).
     adaptive: perturb in ASAM's geometry ``T_w = diag(|w| + eta)``.
     eta: ASAM's offset, >= 0, or a schedule; ignored unless ``adaptive``.
-    eps: the smallest norm divided by; zero gradients give zeros, not NaN.
+    eps: as in :func:`asam_jax.sam`. Zero gradients give zeros, not NaN.
     adaptive_mask: which leaves ``T_w`` scales, as in :func:`asam_jax.asam`.
     perturb_mask: which leaves are perturbed at all.
+    axis_name: as in :func:`asam_jax.sam`: each device perturbs and
+      decomposes with its own gradient; the returned gradient and the stored
+      ``g_v`` are averaged over the axis, so the state stays replicated.
+    sync_perturbation: as in :func:`asam_jax.sam`: the perturbation and the
+      decomposition use the averaged gradients, as on one device with the
+      whole batch.
     has_aux: ``loss_fn`` returns ``(loss, aux)``; the perturbed ``aux`` is dropped.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes
-    ``loss_fn=``; its state is a :class:`LookSAMState`.
+    ``loss_fn=`` (and ``full_step=``); its state is a :class:`LookSAMState`.
 
   Example:
     >>> import jax, jax.numpy as jnp, numpy as np, optax, asam_jax
@@ -98,49 +171,26 @@ def looksam(
     Liu et al., Towards Efficient and Scalable Sharpness-Aware Minimization,
     CVPR 2022, Algorithm 1.
   """
-  if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-    raise ValueError(f"k must be an int >= 1 (the steps between full SAM steps), got {k!r}.")
+  k = _validation.static_int(
+    "k", k, minimum=1, who="looksam", statics=("k",), meaning="the steps between full SAM steps"
+  )
   _validation.check_nonnegative("alpha", alpha)
-  sam_tx = _sharpness_aware(
+  ascent = make_ascent(
+    "looksam",
     rho,
     eta,
     adaptive=adaptive,
     eps=eps,
     adaptive_mask=adaptive_mask,
     perturb_mask=perturb_mask,
+    axis_name=axis_name,
+    sync_perturbation=sync_perturbation,
     has_aux=has_aux,
   )
 
   def init_fn(params):
-    return LookSAMState(sam_tx.init(params), jax.tree.map(jnp.zeros_like, params))
+    return LookSAMState(init(ascent, params), jax.tree.map(jnp.zeros_like, params))
 
-  def update_fn(updates, state, params=None, *, loss_fn=None, full_step=None, **extra_args):
-    del extra_args
-    grads = updates
-    if full_step is not None and not isinstance(full_step, bool):
-      raise TypeError(
-        f"full_step must be a Python bool or None, got {full_step!r}: it picks the branch "
-        "when the step is traced. Compile one step with full_step=True and one with "
-        "full_step=False, and call the first every k-th step."
-      )
-    if full_step is not False:
-      _check_call(loss_fn, params)
-
-    def full(sam_state, _):
-      g_s, sam_state = sam_tx.update(grads, sam_state, params, loss_fn=loss_fn)
-      projection = tree_vdot(grads, g_s) / jnp.maximum(tree_vdot(grads, grads), eps)
-      g_v = jax.tree.map(lambda s, g: (s - projection * g).astype(s.dtype), g_s, grads)
-      return g_s, LookSAMState(sam_state, g_v)
-
-    def reuse(sam_state, g_v):
-      scale = alpha * global_norm(grads) / jnp.maximum(global_norm(g_v), eps)
-      out = jax.tree.map(lambda g, v: (g + scale * v).astype(g.dtype), grads, g_v)
-      return out, LookSAMState(
-        sam_state._replace(count=numerics.safe_increment(sam_state.count)), g_v
-      )
-
-    if full_step is None:
-      return jax.lax.cond(state.sam.count % k == 0, full, reuse, state.sam, state.orthogonal)
-    return (full if full_step else reuse)(state.sam, state.orthogonal)
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(
+    init_fn, functools.partial(_update, ascent, k, alpha)
+  )

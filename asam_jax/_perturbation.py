@@ -9,6 +9,9 @@ The first-order solution of ``max_{||T_w^-1 eps||_p <= rho} eps^T g`` is
 
 with ``T = diag(|w| + eta)`` on the adaptive leaves and ``T = 1`` elsewhere
 (Kwon et al., ICML 2021, eq. 4 and Foret et al., ICLR 2021, eq. 2).
+
+What it costs: one reduction pass over ``g`` (ASAM: over ``g`` and ``w``) for
+the dual norm, and one elementwise pass that XLA fuses into ``w + eps``.
 """
 
 from __future__ import annotations
@@ -21,31 +24,88 @@ import jax
 import jax.numpy as jnp
 
 from asam_jax import _validation
+from asam_jax._layout import Layout, shard_axes_of
 from asam_jax._masks import Mask, resolve_masks
+from asam_jax._norms import accumulation_dtype, guarded, pow2_inverse, safe
 
 
-def accumulation_dtype(x: chex.Array) -> jnp.dtype:
-  """The dtype norms are summed in: at least float32, float64 under x64."""
-  return jnp.promote_types(x.dtype, jnp.float32)
+def _flatten(grads: Any, params: Any) -> tuple[list[tuple[Any, chex.Array]], Any, list[Any]]:
+  """``params`` with their paths, its treedef and ``grads`` flattened alike, checked leaf by leaf."""
+  paths_and_w, treedef = jax.tree_util.tree_flatten_with_path(params)
+  try:
+    g_leaves = treedef.flatten_up_to(grads)
+  except ValueError as error:
+    raise ValueError(
+      "grads and params must have the same tree structure.\n"
+      f"  grads:  {jax.tree.structure(grads)}\n  params: {jax.tree.structure(params)}"
+    ) from error
+  for (path, w), g in zip(paths_and_w, g_leaves):
+    if jnp.shape(g) != jnp.shape(w):
+      raise ValueError(
+        f"grads and params differ in shape at {jax.tree_util.keystr(path)}: the gradient "
+        f"has shape {jnp.shape(g)} and the parameter {jnp.shape(w)}. Pass the gradient of "
+        "the loss with respect to exactly these params."
+      )
+  return paths_and_w, treedef, g_leaves
 
 
-def global_norm(tree: Any) -> chex.Array:
-  """The l2 norm over every leaf of ``tree``, accumulated in float32 or wider."""
-  squares = [jnp.sum(jnp.square(x.astype(accumulation_dtype(x)))) for x in jax.tree.leaves(tree)]
-  return jnp.sqrt(sum(squares, jnp.zeros([], jnp.float32)))
+def check_float_leaf(path: Any, w: Any) -> None:
+  """Refuses a leaf that cannot be perturbed, saying to take it out of the params."""
+  if not jnp.issubdtype(jnp.result_type(w), jnp.floating):
+    raise TypeError(
+      f"params leaf {jax.tree_util.keystr(path)} has dtype {jnp.result_type(w)}: it can be "
+      "neither perturbed nor differentiated. Take it out of the params you differentiate "
+      "and pass to update, e.g. with eqx.partition(model, eqx.is_inexact_array) in "
+      "Equinox, an nnx filter such as nnx.Param in NNX, or as a separate argument of the "
+      "loss; perturb_mask cannot help, since jax.grad refuses integer inputs."
+    )
 
 
-def _dual_norm(tg: list[chex.Array], q: float) -> chex.Array:
-  """``||T g||_q`` over the leaves in ``tg``, safe from under- and overflow."""
-  if q == 2:
-    return global_norm(tg)
-  largest = jnp.max(jnp.stack([jnp.max(jnp.abs(x), initial=0) for x in tg]))
-  if q == math.inf:
-    return largest
-  # Scaling by the largest entry keeps |Tg|^q finite for any q.
-  safe = jnp.where(largest > 0, largest, 1)
-  total = sum(jnp.sum((jnp.abs(x) / safe) ** q) for x in tg)
-  return largest * total ** (1 / q)
+def _scale(w: chex.Array, eta: chex.Array | None, dtype: Any) -> chex.Array | None:
+  """``T = |w| + eta`` in ``dtype``, or ``None`` where ``T`` is the identity."""
+  return None if eta is None else jnp.abs(w).astype(dtype) + eta
+
+
+def _t_or_one(w, eta, dtype):
+  t = _scale(w, eta, dtype)
+  return 1 if t is None else t
+
+
+def _tg(g, w, eta, dtype):
+  t = _scale(w, eta, dtype)
+  g = g.astype(dtype)
+  return g if t is None else t * g
+
+
+def _barrier_tg(g, w, eta, dtype):
+  # XLA would merge this T g with the one of the eps pass and write the
+  # shared value out, since the fast reduction kernel takes no shared input:
+  # a full-size temporary and an extra pass. The barrier keeps them apart.
+  if eta is None:
+    return _tg(jax.lax.optimization_barrier(g), w, None, dtype)
+  g, w, eta = jax.lax.optimization_barrier((g, w, eta))
+  return _tg(g, w, eta, dtype)
+
+
+def _dual_norm(leaves, q, layout, indices, dtype):
+  """``(s, n)`` with ``||T g||_q = n / s``, ``s`` a power of two (1 unless rescaling was needed)."""
+  power = (lambda x: jnp.square(x)) if q == 2 else (lambda x: jnp.abs(x) ** q)
+
+  def norm(total):
+    return jnp.sqrt(total) if q == 2 else total ** (1 / q)
+
+  fast = layout.sum([jnp.sum(power(_barrier_tg(*leaf, dtype))) for leaf in leaves], indices)
+  one = jnp.ones([], dtype)
+
+  def slow(leaves):
+    largest = layout.max(
+      [jnp.max(jnp.abs(_barrier_tg(*leaf, dtype)), initial=0) for leaf in leaves], indices
+    )
+    s = pow2_inverse(largest)
+    total = layout.sum([jnp.sum(power(_barrier_tg(*leaf, dtype) * s)) for leaf in leaves], indices)
+    return s, norm(total)
+
+  return guarded(safe(fast), (one, norm(fast)), slow, leaves)
 
 
 def perturbation(
@@ -56,7 +116,7 @@ def perturbation(
   eta: chex.Numeric = 0.0,
   adaptive: bool = False,
   p: float = 2,
-  eps: float = 1e-12,
+  eps: float = 0.0,
   adaptive_mask: Mask | None = None,
   perturb_mask: Mask | None = None,
 ) -> Any:
@@ -66,9 +126,13 @@ def perturbation(
   ``||T_w^-1 eps||_p <= rho``, where ``T_w = diag(|w| + eta)`` on adaptive
   leaves and the identity elsewhere. With ``adaptive=False`` this is SAM's
   perturbation; with ``adaptive=True`` it is ASAM's. The norm is global over
-  every perturbed leaf, and it is summed in float32 (or wider) whatever the
-  leaves' dtype. Where ``||T g||_q < eps`` the division uses ``eps`` instead, so
-  a zero gradient gives ``eps = 0``, never NaN.
+  every perturbed leaf (and over the shards of a leaf sharded inside
+  ``shard_map``), taken in float32 or wider whatever the leaves' dtype, and
+  rescaled where it would overflow or underflow, so ``||T^-1 eps||_p = rho``
+  holds for any nonzero finite gradient. A zero gradient gives ``eps = 0``; a
+  gradient, ``rho`` or ``eta`` that is not finite, or a negative ``rho`` or
+  ``eta`` (from a schedule, say), gives ``eps`` NaN everywhere, never a finite
+  wrong value.
 
   Args:
     grads: the gradient at ``params``, a pytree with the structure of
@@ -79,10 +143,13 @@ def perturbation(
       ``adaptive``.
     adaptive: whether to scale by ``T_w`` (ASAM) or not (SAM).
     p: the ball's norm: 2, ``float('inf')`` or any real number >= 1.
-    eps: the smallest norm divided by; guards a zero gradient.
+    eps: gradients whose dual norm ``||T g||_q`` is at most ``eps`` are
+      divided by ``eps`` instead (the old guard against a zero gradient); the
+      default 0 normalizes every nonzero gradient exactly. Ignored for
+      ``p = inf`` and ``p = 1``.
     adaptive_mask: which leaves ``T_w`` scales when ``adaptive``: a pytree of
       bools or a callable of ``params``, as ``optax.masked`` takes. The default
-      scales every leaf; :func:`asam_jax.kernel_mask` gives the official code's
+      scales every leaf; :func:`asam_jax.weight_mask` gives the official code's
       convention. Leaves left out get ``T = 1``.
     perturb_mask: which leaves are perturbed at all, in the same forms. Leaves
       left out get ``eps = 0`` and do not enter the norm.
@@ -127,23 +194,26 @@ def perturbation_with_norm(
   eta: chex.Numeric = 0.0,
   adaptive: bool = False,
   p: float = 2,
-  eps: float = 1e-12,
+  eps: float = 0.0,
   adaptive_mask: Mask | None = None,
   perturb_mask: Mask | None = None,
+  layout: Layout | None = None,
 ) -> tuple[Any, chex.Array]:
-  """:func:`perturbation` and its norm ``||eps||_2``, computed in float32 or wider.
+  """:func:`perturbation` and the radius it reached, ``||T^-1 eps||_p``.
 
-  For p = 2 the unscaled leaves' part of the norm is ``rho ||g|| / ||T g||``
-  from the sums of squares the dual norm has already taken, so SAM's norm
-  needs no pass over ``eps``. The scaled leaves' part is summed from ``eps``
-  before its cast to the leaves' dtype.
+  That radius is ``rho`` for any nonzero finite gradient, 0 for a zero one
+  (less than ``rho`` below ``eps``) and NaN for a non-finite one, and it costs
+  nothing: it comes from the dual norm that ``eps`` needs anyway. (``||eps||_2``
+  would cost ASAM another pass over ``w`` and ``g``.)
 
   Args:
     grads, params, rho, eta, adaptive, p, eps, adaptive_mask, perturb_mask: as
       in :func:`perturbation`.
+    layout: the devices the update runs on (its sharded leaves); by default
+      read from the types of ``params``.
 
   Returns:
-    ``(eps, ||eps||_2)``.
+    ``(eps, ||T^-1 eps||_p)``.
 
   Example:
     >>> import jax.numpy as jnp
@@ -159,68 +229,125 @@ def perturbation_with_norm(
   p = _validation.check_p(p)
   _validation.check_nonnegative("rho", rho)
   _validation.check_nonnegative("eta", eta)
-  _validation.check_positive("eps", eps)
-  if jax.tree.structure(grads) != jax.tree.structure(params):
-    raise ValueError(
-      "grads and params must have the same tree structure.\n"
-      f"  grads:  {jax.tree.structure(grads)}\n  params: {jax.tree.structure(params)}"
-    )
+  _validation.check_nonnegative("eps", eps)
+  if layout is None:
+    layout = Layout(shard_axes=shard_axes_of(params))
+  paths_and_w, treedef, g_leaves = _flatten(grads, params)
   perturbed, scaled = resolve_masks(
     params, adaptive=adaptive, adaptive_mask=adaptive_mask, perturb_mask=perturb_mask
   )
-
-  paths_and_w, treedef = jax.tree_util.tree_flatten_with_path(params)
-  g_leaves = treedef.flatten_up_to(grads)
   chosen = [
     (i, g, w, s)
-    for i, ((path, w), g, on, s) in enumerate(
+    for i, ((_, w), g, on, s) in enumerate(
       zip(paths_and_w, g_leaves, treedef.flatten_up_to(perturbed), treedef.flatten_up_to(scaled))
     )
     if on
   ]
   for i, _, w, _ in chosen:
-    if not jnp.issubdtype(jnp.result_type(w), jnp.floating):
-      raise TypeError(
-        f"params leaf {jax.tree_util.keystr(paths_and_w[i][0])} has dtype "
-        f"{jnp.result_type(w)} and cannot be perturbed; leave it out with perturb_mask."
-      )
+    check_float_leaf(paths_and_w[i][0], w)
 
   out = [jnp.zeros_like(w) for _, w in paths_and_w]
   if not chosen:
     return treedef.unflatten(out), jnp.zeros([], jnp.float32)
 
-  # T and T g in float32 or wider; T is None where it is the identity.
-  ts, tgs = [], []
-  for _, g, w, s in chosen:
-    g = jnp.asarray(g).astype(accumulation_dtype(jnp.asarray(w)))
-    t = jnp.abs(w).astype(g.dtype) + eta if s else None
-    ts.append(t)
-    tgs.append(g if t is None else t * g)
+  dtype = jnp.result_type(*[accumulation_dtype(w) for _, _, w, _ in chosen])
+  rho = _validation.guard(rho, dtype)
+  eta = _validation.guard(eta, dtype)
+  indices = [i for i, _, _, _ in chosen]
+  leaves = [(g, w, eta if s else None) for _, g, w, s in chosen]
 
-  if p == math.inf:
-    directions = [jnp.sign(tg) for tg in tgs]
-  else:
-    q = math.inf if p == 1 else p / (p - 1)
-    norm = jnp.maximum(_dual_norm(tgs, q), eps)
-    if q == 2:
-      directions = [tg / norm for tg in tgs]
-    elif q == math.inf:
-      # p = 1: the maximizer puts all of rho on the largest |T g|, split evenly
-      # over ties so that ||T^-1 eps||_1 = rho still holds.
-      top = [(jnp.abs(tg) == norm) & (tg != 0) for tg in tgs]
-      count = jnp.maximum(sum(jnp.sum(m) for m in top), 1)
-      directions = [jnp.sign(tg) * m / count for tg, m in zip(tgs, top)]
+  if p in (1, math.inf):
+    largest = layout.max(
+      [jnp.max(jnp.abs(_barrier_tg(*leaf, dtype)), initial=0) for leaf in leaves], indices
+    )
+    # Non-finite gradients make every eps NaN, so that apply_if_finite skips the step.
+    radius = jnp.where(jnp.isfinite(largest), rho, jnp.nan)
+    reached = radius * (largest > 0)
+    if p == math.inf:
+      es = [radius * _t_or_one(w, e, dtype) * jnp.sign(g).astype(dtype) for g, w, e in leaves]
     else:
-      directions = [jnp.sign(tg) * (jnp.abs(tg) / norm) ** (q - 1) for tg in tgs]
-
-  es = [rho * d if t is None else rho * t * d for t, d in zip(ts, directions)]
-  if p == 2:
-    # On unscaled leaves eps = rho g / ||T g||, so their part of ||eps|| is the
-    # dual norm's own sum of squares (XLA merges the two): no pass over eps.
-    unscaled = global_norm([tg for t, tg in zip(ts, tgs) if t is None]) * rho / norm
-    eps_norm = jnp.hypot(unscaled, global_norm([e for t, e in zip(ts, es) if t is not None]))
+      # The maximizer puts all of rho on the largest |T g|, split evenly over
+      # ties so that ||T^-1 eps||_1 = rho still holds.
+      tops = [(jnp.abs(_tg(*leaf, dtype)) == largest) & (largest > 0) for leaf in leaves]
+      count = jnp.maximum(layout.sum([jnp.sum(t, dtype=dtype) for t in tops], indices), 1)
+      es = [
+        (radius / count) * _t_or_one(w, e, dtype) * jnp.sign(g).astype(dtype) * t
+        for (g, w, e), t in zip(leaves, tops)
+      ]
   else:
-    eps_norm = global_norm(es)
+    q = p / (p - 1)
+    s, n = _dual_norm(leaves, q, layout, indices, dtype)
+    denominator = jnp.maximum(n, eps * s)
+    inverse = jnp.where(denominator > 0, 1 / denominator, 0)
+    inverse = jnp.where(jnp.isfinite(n), inverse, jnp.nan)
+    if q == 2:
+      reached = rho * n * inverse
+      # (T g s) (rho / n) T: each factor stays in range whatever g's magnitude.
+      es = [
+        _tg(g, w, e, dtype) * s * (rho * inverse) * _t_or_one(w, e, dtype) for g, w, e in leaves
+      ]
+    else:
+      reached = rho * (n * inverse) ** (q - 1)
+      es = []
+      for g, w, e in leaves:
+        tg = _tg(g, w, e, dtype)
+        direction = jnp.sign(tg) * (jnp.abs(tg) * s * inverse) ** (q - 1)
+        es.append(rho * direction * _t_or_one(w, e, dtype))
+
   for (i, _, w, _), e in zip(chosen, es):
     out[i] = e.astype(jnp.result_type(w))
-  return treedef.unflatten(out), eps_norm
+  return treedef.unflatten(out), reached
+
+
+def ball_scale(
+  params: Any,
+  *,
+  eta: chex.Numeric,
+  adaptive: bool,
+  adaptive_mask: Mask | None,
+  perturb_mask: Mask | None,
+) -> Any:
+  """``T_w`` leaf by leaf: ``|w| + eta``, ``1``, or ``0`` on leaves never perturbed."""
+  on, scaled = resolve_masks(
+    params, adaptive=adaptive, adaptive_mask=adaptive_mask, perturb_mask=perturb_mask
+  )
+
+  def scale(w, on, s):
+    if not on:
+      return jnp.zeros_like(w)
+    return jnp.abs(w) + jnp.asarray(eta, w.dtype) if s else jnp.ones_like(w)
+
+  return jax.tree.map(scale, params, on, scaled)
+
+
+def _ball_coordinates(eps: Any, t: Any) -> list[chex.Array]:
+  """``T^-1 eps`` leaf by leaf, 0 where ``T = 0`` (leaves never perturbed)."""
+  return [
+    jnp.where(s > 0, e / jnp.where(s > 0, s, 1), 0).astype(accumulation_dtype(e))
+    for e, s in zip(jax.tree.leaves(eps), jax.tree.leaves(t))
+  ]
+
+
+def ball_norm(eps: Any, t: Any, p: float, layout: Layout) -> chex.Array:
+  """``||T^-1 eps||_p`` over every leaf (and shard), with ``t`` from :func:`ball_scale`."""
+  u = _ball_coordinates(eps, t)
+  indices = list(range(len(u)))
+  if p == math.inf:
+    return layout.max([jnp.max(jnp.abs(x), initial=0) for x in u], indices)
+  return layout.sum([jnp.sum(jnp.abs(x) ** p) for x in u], indices) ** (1 / p)
+
+
+def project(
+  eps: Any, t: Any, rho: chex.Numeric, p: float, layout: Layout
+) -> tuple[Any, chex.Array]:
+  """``eps`` back onto ``||T^-1 eps||_p <= rho``, and its radius after: exact for p = 2 and inf.
+
+  For p = 2 the projection is radial, for p = inf a clip of each coordinate
+  to ``[-rho T, rho T]``.
+  """
+  if p == math.inf:
+    eps = jax.tree.map(lambda e, s: jnp.clip(e, -rho * s, rho * s).astype(e.dtype), eps, t)
+    return eps, ball_norm(eps, t, p, layout)
+  norm = ball_norm(eps, t, p, layout)
+  shrink = jnp.minimum(1.0, rho / jnp.maximum(norm, jnp.finfo(norm.dtype).tiny))
+  return jax.tree.map(lambda e: (e * shrink).astype(e.dtype), eps), norm * shrink

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import chex
 import jax
@@ -11,10 +11,11 @@ import optax
 from optax._src import numerics
 
 from asam_jax import _validation
+from asam_jax._ascent import ScalarOrSchedule, check_call, value_and_grad_at, value_at
+from asam_jax._layout import check_sync, resolve
 from asam_jax._masks import Mask, resolve_masks
-from asam_jax._perturbation import global_norm
-from asam_jax._sam import ScalarOrSchedule, _check_call, _value_and_grad_at, _value_at
-from asam_jax._sharpness import random_perturbation
+from asam_jax._sam import like
+from asam_jax._sharpness import random_perturbation_with_norm
 
 
 class RandomSAMState(NamedTuple):
@@ -24,7 +25,7 @@ class RandomSAMState(NamedTuple):
     count: the number of updates so far; schedules are evaluated at it.
     key: the PRNG key the next perturbation is drawn from.
     perturbed_loss: ``L(w + eps)`` at the last update.
-    perturbation_norm: ``||eps||_2`` at the last update.
+    perturbation_norm: ``||T^-1 eps||_2`` at the last update: ``rho``.
   """
 
   count: chex.Array
@@ -41,6 +42,8 @@ def random_sam(
   eta: ScalarOrSchedule = 0.0,
   adaptive_mask: Mask | None = None,
   perturb_mask: Mask | None = None,
+  axis_name: Any = None,
+  sync_perturbation: bool = False,
   has_aux: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Average-direction SAM: returns ``grad L(w + eps)``, eps uniform on the rho-sphere.
@@ -54,6 +57,13 @@ def random_sam(
   step is enough: pass ``params`` (or anything shaped like them) in its place
   to skip the clean pass. Put it first in an ``optax.chain``.
 
+  For an ensemble trained under ``jax.vmap``, ``jax.vmap(tx.init)`` copies the
+  one key to every member, so every member would draw the same ``eps``. Give
+  each member its own stream by replacing the keys after ``init``::
+
+    states = jax.vmap(tx.init)(ensemble_params)  # tx = random_sam(...), unchained
+    states = states._replace(key=jax.random.split(jax.random.key(1), n_members))
+
   Args:
     key: the PRNG key the perturbations are drawn from; the same key gives the
       same run.
@@ -62,6 +72,13 @@ def random_sam(
     eta: ASAM's offset, >= 0, or a schedule; ignored unless ``adaptive``.
     adaptive_mask: which leaves ``T_w`` scales, as in :func:`asam_jax.asam`.
     perturb_mask: which leaves are perturbed at all.
+    axis_name: inside ``pmap``/``shard_map``, the data-parallel axis: the
+      gradient is averaged over it, and by default each device draws its own
+      ``eps`` (the key folded with the device's index), so one step averages
+      as many directions as there are devices. The state's key stays
+      replicated.
+    sync_perturbation: with ``axis_name``, every device draws the same
+      ``eps``: one device with the whole batch.
     has_aux: ``loss_fn`` returns ``(loss, aux)``; the ``aux`` is dropped.
 
   Returns:
@@ -84,8 +101,10 @@ def random_sam(
   """
   _validation.check_nonnegative("rho", rho)
   _validation.check_nonnegative("eta", eta)
-  is_typed_key = isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
-  is_raw_key = isinstance(key, jax.Array) and key.dtype == jnp.uint32 and key.shape == (2,)
+  check_sync(axis_name, sync_perturbation)
+  is_array = isinstance(key, jax.Array)
+  is_typed_key = is_array and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+  is_raw_key = is_array and key.dtype == jnp.uint32 and key.shape[-1:] == (2,)
   if not (is_typed_key or is_raw_key):
     raise TypeError(f"key must be a jax PRNG key, e.g. jax.random.key(0), got {key!r}.")
 
@@ -96,25 +115,26 @@ def random_sam(
     return RandomSAMState(jnp.zeros([], jnp.int32), key, zero, zero)
 
   def update_fn(updates, state, params=None, *, loss_fn=None, **extra_args):
-    del updates, extra_args
-    _check_call(loss_fn, params)
+    del extra_args
+    check_call("random_sam", loss_fn, params)
+    # The incoming gradient is only a placeholder (params will do), so it is not checked.
+    layout = resolve("random_sam", axis_name, sync_perturbation, params)
     next_key, draw = jax.random.split(state.key)
-    eps_tree = random_perturbation(
+    if layout.data_axes and not sync_perturbation:
+      draw = jax.random.fold_in(draw, jax.lax.axis_index(layout.data_axes))
+    eps, reached = random_perturbation_with_norm(
       draw,
       params,
-      rho=_value_at(rho, state.count),
-      eta=_value_at(eta, state.count),
+      rho=value_at(rho, state.count),
+      eta=value_at(eta, state.count),
       adaptive=adaptive,
       adaptive_mask=adaptive_mask,
       perturb_mask=perturb_mask,
+      layout=layout,
     )
-    loss, grads = _value_and_grad_at(loss_fn, has_aux, params, eps_tree)
-    new_state = RandomSAMState(
-      numerics.safe_increment(state.count),
-      next_key,
-      loss.astype(jnp.float32),
-      global_norm(eps_tree),
-    )
-    return grads, new_state
+    loss, grads = value_and_grad_at(loss_fn, has_aux, params, eps, layout)
+    stats = layout.mean((loss.astype(jnp.float32), reached.astype(jnp.float32)))
+    new_state = RandomSAMState(numerics.safe_increment(state.count), next_key, *stats)
+    return like(layout.mean(grads), updates), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

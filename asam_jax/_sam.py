@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
 from typing import Any, NamedTuple
 
 import chex
@@ -11,18 +11,8 @@ import jax.numpy as jnp
 import optax
 from optax._src import numerics
 
-from asam_jax import _validation
-from asam_jax._masks import Mask, resolve_masks
-from asam_jax._perturbation import perturbation_with_norm
-from asam_jax._varying import invariant_axes, to_varying
-
-ScalarOrSchedule = float | chex.Array | optax.Schedule
-
-_MISSING_LOSS_FN = (
-  "SAM/ASAM evaluate the gradient at perturbed weights, so update needs the "
-  "loss as a closure over the current batch: "
-  "tx.update(grads, state, params, loss_fn=lambda p: loss(p, batch))."
-)
+from asam_jax._ascent import Ascent, ScalarOrSchedule, check_call, make_ascent
+from asam_jax._masks import Mask
 
 
 class SAMState(NamedTuple):
@@ -34,7 +24,12 @@ class SAMState(NamedTuple):
     perturbed_loss: ``L(w + eps)`` at the last update, averaged over
       ``axis_name`` when one is given. Worth logging: minus the clean loss it
       is the (first-order) sharpness.
-    perturbation_norm: ``||eps||_2`` at the last update, averaged likewise.
+    perturbation_norm: ``||T^-1 eps||_p``, the radius the last perturbation
+      reached in the ball's own norm (``||eps||_2`` for SAM with p = 2):
+      ``rho`` for any nonzero gradient, 0 for a zero one, NaN for a
+      non-finite one; averaged like ``perturbed_loss``. It is free, where
+      ASAM's ``||eps||_2`` would cost a pass over the weights; compute that
+      with :func:`asam_jax.perturbation` if you need it.
   """
 
   count: chex.Array
@@ -42,148 +37,72 @@ class SAMState(NamedTuple):
   perturbation_norm: chex.Array
 
 
-def _summed_gradient_message(names: tuple[Any, ...]) -> str:
-  name = names[0] if len(names) == 1 else names
-  return (
-    f"The gradient passed to update is invariant over the shard_map axis {name!r}: "
-    "jax.grad with respect to replicated params inside shard_map (check_vma=True) "
-    "returns the gradient already summed over the devices, so each device's own "
-    "gradient, which mSAM perturbs with, is lost and the step would silently be "
-    "global SAM with an n-times gradient. Take the gradient with respect to params "
-    f"cast to varying: grads = jax.grad(loss_fn)(asam_jax.to_varying(params, {name!r})) "
-    f"(that is jax.lax.pcast(params, {name!r}, to='varying')), and pass that local "
-    "gradient; update averages over the axis itself."
+def init(ascent: Ascent, params: Any) -> SAMState:
+  """The state of a fresh SAM-type transformation."""
+  ascent.check_params(params)
+  zero = jnp.zeros([], jnp.float32)
+  return SAMState(jnp.zeros([], jnp.int32), zero, zero)
+
+
+def next_state(state: SAMState, layout: Any, loss: chex.Array, reached: chex.Array) -> SAMState:
+  """The state after an update: the count advanced, the diagnostics averaged over devices."""
+  stats = layout.mean((loss.astype(jnp.float32), reached.astype(jnp.float32)))
+  return SAMState(numerics.safe_increment(state.count), *stats)
+
+
+def like(tree: Any, reference: Any) -> Any:
+  """``tree`` in the dtypes of ``reference``: updates keep the incoming gradient's dtypes."""
+  return jax.tree.map(lambda x, r: x.astype(jnp.result_type(r)), tree, reference)
+
+
+def update(
+  ascent: Ascent,
+  updates: optax.Updates,
+  state: SAMState,
+  params: optax.Params | None = None,
+  *,
+  loss_fn: Any = None,
+  **extra_args: Any,
+) -> tuple[optax.Updates, SAMState]:
+  """The SAM/ASAM update: the gradient at the perturbed weights."""
+  del extra_args
+  check_call(ascent.who, loss_fn, params)
+  layout = ascent.layout(params, updates)
+  loss, grads, reached = ascent.climb(
+    layout.ascent_gradient(updates), params, state.count, loss_fn, layout
+  )
+  return like(layout.finish(grads), updates), next_state(state, layout, loss, reached)
+
+
+def transformation(ascent: Ascent) -> optax.GradientTransformationExtraArgs:
+  """The transformation of ``ascent``; :func:`asam_jax.alternating` reads it back."""
+  return optax.GradientTransformationExtraArgs(
+    functools.partial(init, ascent), functools.partial(update, ascent)
   )
 
 
-def _value_at(value: ScalarOrSchedule, count: chex.Array) -> chex.Numeric:
-  return value(count) if callable(value) else value
-
-
-def _scalar_loss(loss_fn: Callable[[Any], Any], has_aux: bool) -> Callable[[Any], chex.Array]:
-  """Wraps ``loss_fn`` to return the bare loss, or to say why it cannot."""
-
-  def loss(params):
-    out = loss_fn(params)
-    if has_aux:
-      if not (isinstance(out, (tuple, list)) and len(out) == 2):
-        raise TypeError(
-          f"has_aux=True needs loss_fn to return (loss, aux), got {type(out).__name__}."
-        )
-      out = out[0]
-    elif isinstance(out, (tuple, list)):
-      raise TypeError(
-        "loss_fn returned a tuple. If it returns (loss, aux), build the "
-        "transformation with has_aux=True."
-      )
-    shape, dtype = jnp.shape(out), jnp.result_type(out)
-    if shape != () or not jnp.issubdtype(dtype, jnp.floating):
-      raise TypeError(
-        f"loss_fn must return a scalar float loss, got shape {shape} and "
-        f"dtype {dtype}. Reduce it over the batch, e.g. with .mean()."
-      )
-    return out
-
-  return loss
-
-
-def _check_call(loss_fn: Any, params: Any) -> None:
-  """Says how to call ``update`` when the loss closure or the weights are missing."""
-  if loss_fn is None:
-    raise TypeError(_MISSING_LOSS_FN)
-  if params is None:
-    raise ValueError("SAM/ASAM perturb the weights, so update needs params: " + _MISSING_LOSS_FN)
-
-
-def _value_and_grad_at(
-  loss_fn: Callable[[Any], Any],
-  has_aux: bool,
-  params: Any,
-  perturbation_tree: Any,
-  axis_name: Any = None,
-) -> tuple[chex.Array, Any]:
-  """``L(w + eps)`` and its gradient, the one extra pass every SAM variant pays for."""
-  perturbed_params = optax.apply_updates(params, perturbation_tree)
-  if axis_name is not None:
-    # With replicated params and a synchronized eps, w + eps is invariant, and
-    # shard_map's jax.grad would sum the perturbed gradient instead of giving
-    # this device's.
-    perturbed_params = to_varying(perturbed_params, axis_name)
-  return jax.value_and_grad(_scalar_loss(loss_fn, has_aux))(perturbed_params)
-
-
-def _sharpness_aware(
-  rho: ScalarOrSchedule,
-  eta: ScalarOrSchedule,
-  *,
-  adaptive: bool,
-  eps: float,
-  adaptive_mask: Mask | None,
-  perturb_mask: Mask | None,
-  has_aux: bool,
-  p: float = 2,
-  axis_name: Any = None,
-  sync_perturbation: bool = False,
-) -> optax.GradientTransformationExtraArgs:
-  """The SAM/ASAM transformation behind :func:`sam`, :func:`asam` and the variants."""
-  p = _validation.check_p(p)
-  _validation.check_nonnegative("rho", rho)
-  _validation.check_nonnegative("eta", eta)
-  _validation.check_positive("eps", eps)
-  if sync_perturbation and axis_name is None:
-    raise ValueError(
-      "sync_perturbation=True averages the gradient over a device axis, so "
-      "it needs axis_name, the name given to pmap or shard_map."
-    )
-
-  def init_fn(params):
-    # Masks are checked against the parameters here, before any tracing.
-    resolve_masks(params, adaptive=adaptive, adaptive_mask=adaptive_mask, perturb_mask=perturb_mask)
-    return SAMState(
-      count=jnp.zeros([], jnp.int32),
-      perturbed_loss=jnp.zeros([], jnp.float32),
-      perturbation_norm=jnp.zeros([], jnp.float32),
-    )
-
-  def update_fn(updates, state, params=None, *, loss_fn=None, **extra_args):
-    del extra_args
-    _check_call(loss_fn, params)
-    grads = updates
-    if axis_name is not None and (summed := invariant_axes(grads, axis_name)):
-      raise ValueError(_summed_gradient_message(summed))
-    if sync_perturbation:
-      grads = jax.lax.pmean(grads, axis_name)
-    perturbation_tree, perturbation_norm = perturbation_with_norm(
-      grads,
-      params,
-      rho=_value_at(rho, state.count),
-      eta=_value_at(eta, state.count),
-      adaptive=adaptive,
-      p=p,
-      eps=eps,
-      adaptive_mask=adaptive_mask,
-      perturb_mask=perturb_mask,
-    )
-    loss, adversarial_grads = _value_and_grad_at(
-      loss_fn, has_aux, params, perturbation_tree, axis_name
-    )
-    stats = (loss.astype(jnp.float32), perturbation_norm.astype(jnp.float32))
-    if axis_name is not None:
-      adversarial_grads, stats = jax.lax.pmean((adversarial_grads, stats), axis_name)
-    return adversarial_grads, SAMState(numerics.safe_increment(state.count), *stats)
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+def ascent_of(tx: Any) -> Ascent:
+  """The :class:`Ascent` of a transformation built by :func:`sam` or :func:`asam`."""
+  step = getattr(tx, "update", None)
+  if isinstance(step, functools.partial) and step.func is update:
+    return step.args[0]
+  raise TypeError(
+    "expected a transformation built by asam_jax.sam or asam_jax.asam (not chained, not "
+    f"wrapped), got {tx!r}. Pass the optimizer that follows SAM separately."
+  )
 
 
 def sam(
   rho: ScalarOrSchedule = 0.05,
   *,
   p: float = 2,
-  eps: float = 1e-12,
+  eps: float = 0.0,
   perturb_mask: Mask | None = None,
   axis_name: Any = None,
   sync_perturbation: bool = False,
   has_aux: bool = False,
+  ascent_steps: int = 1,
+  ascent_projection: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Sharpness-Aware Minimization: the gradient at the worst nearby weights.
 
@@ -194,23 +113,36 @@ def sam(
 
   Args:
     rho: the neighbourhood radius, >= 0, or an optax schedule of the step
-      count, which advances on every update. 0 recovers the base optimizer.
+      count, which advances on every update. 0 recovers the base optimizer. A
+      schedule value that is negative or not finite makes the update NaN (so
+      that ``optax.apply_if_finite`` skips it).
     p: the norm of the ball: 2, ``float('inf')`` or any real number >= 1.
-    eps: the smallest gradient norm divided by: a zero gradient gives
-      ``eps = 0`` rather than NaN.
+    eps: gradients whose norm is at most ``eps`` are divided by ``eps``
+      instead; the default 0 normalizes every nonzero gradient, however small
+      or large, and a zero gradient gives ``eps = 0``.
     perturb_mask: which leaves are perturbed, a pytree of bools or a callable of
       params (as ``optax.masked`` takes); the rest keep ``eps = 0`` and stay
       out of the norm.
     axis_name: inside ``pmap``/``shard_map`` (or ``vmap``, see
-      :func:`asam_jax.grouped_update`), the device axis, or a tuple of axes.
-      Each device perturbs with its own gradient (m-sharpness) and the
-      returned gradient is averaged over the axis. Under ``shard_map`` take
-      the gradient with respect to ``asam_jax.to_varying(params, axis_name)``:
-      a gradient already summed over the devices is refused.
+      :func:`asam_jax.grouped_update`), the data-parallel device axis, or a
+      tuple of axes, over which params are replicated. Each device perturbs
+      with its own gradient (m-sharpness) and the returned gradient is
+      averaged over the axis. Under ``shard_map`` take the gradient with
+      respect to ``asam_jax.to_varying(params, axis_name)``: a gradient already
+      summed over the devices is refused. Params *sharded* over a
+      ``shard_map`` axis (FSDP) need no ``axis_name`` for it: their norms are
+      summed over the shards, which is global SAM.
     sync_perturbation: with ``axis_name``, average the gradient over the axis
       before perturbing: one global perturbation instead of one per device.
     has_aux: ``loss_fn`` returns ``(loss, aux)``; the perturbed pass's ``aux``
       is dropped, so the caller keeps the clean pass's (BatchNorm statistics).
+    ascent_steps: the number of ascent steps before the descent gradient;
+      each adds ``rho`` times the normalized gradient at the current point
+      (``optax.contrib.sam``'s ``sync_period = ascent_steps + 1``). Each costs
+      one more gradient.
+    ascent_projection: project the perturbation back onto the ``rho``-ball
+      after each ascent step (p = 2 or inf), as :func:`asam_jax.sharpness`
+      does.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes
@@ -232,17 +164,21 @@ def sam(
     Foret et al., Sharpness-Aware Minimization for Efficiently Improving
     Generalization, ICLR 2021, Algorithm 1.
   """
-  return _sharpness_aware(
-    rho,
-    0.0,
-    adaptive=False,
-    p=p,
-    eps=eps,
-    adaptive_mask=None,
-    perturb_mask=perturb_mask,
-    axis_name=axis_name,
-    sync_perturbation=sync_perturbation,
-    has_aux=has_aux,
+  return transformation(
+    make_ascent(
+      "sam",
+      rho,
+      0.0,
+      adaptive=False,
+      p=p,
+      eps=eps,
+      perturb_mask=perturb_mask,
+      axis_name=axis_name,
+      sync_perturbation=sync_perturbation,
+      has_aux=has_aux,
+      ascent_steps=ascent_steps,
+      ascent_projection=ascent_projection,
+    )
   )
 
 
@@ -251,12 +187,14 @@ def asam(
   eta: ScalarOrSchedule = 0.01,
   *,
   p: float = 2,
-  eps: float = 1e-12,
+  eps: float = 0.0,
   adaptive_mask: Mask | None = None,
   perturb_mask: Mask | None = None,
   axis_name: Any = None,
   sync_perturbation: bool = False,
   has_aux: bool = False,
+  ascent_steps: int = 1,
+  ascent_projection: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Adaptive SAM: SAM in the scale-invariant geometry ``T_w = diag(|w| + eta)``.
 
@@ -264,11 +202,12 @@ def asam(
   the first-order maximizer over ``||T^-1 eps||_p <= rho``. Since
   ``T_{Aw} A^-1 = T_w`` for positive per-neuron rescalings ``A`` (and
   ``eta = 0``), the perturbed loss does not depend on how a ReLU network is
-  scaled. Put it first in an ``optax.chain``.
+  scaled. Put it first in an ``optax.chain``. It costs SAM plus one read of
+  ``w``.
 
-  By default every leaf is scaled, as in the paper. The official PyTorch code
-  scales weight matrices only; ``adaptive_mask=asam_jax.kernel_mask`` gives
-  that convention.
+  By default every leaf is scaled, as in the paper.
+  ``adaptive_mask=asam_jax.weight_mask`` gives the official PyTorch code's
+  convention (the leaves PyTorch names ``weight``).
 
   Args:
     rho: the neighbourhood radius, >= 0, or an optax schedule. ASAM's radius is
@@ -277,13 +216,16 @@ def asam(
     eta: the offset that keeps ``T_w`` away from 0 on zero weights, >= 0, or a
       schedule.
     p: the norm of the ball: 2, ``float('inf')`` or any real number >= 1.
-    eps: the smallest norm divided by: a zero gradient gives ``eps = 0``.
+    eps: as in :func:`sam`, for the norm ``||T g||``.
     adaptive_mask: which leaves ``T_w`` scales (others get ``T = 1``), a pytree
       of bools or a callable of params.
     perturb_mask: which leaves are perturbed at all.
     axis_name: as in :func:`sam`.
     sync_perturbation: as in :func:`sam`.
     has_aux: as in :func:`sam`.
+    ascent_steps: as in :func:`sam`; every step is scaled by ``T_w`` at the
+      unperturbed ``w``.
+    ascent_projection: as in :func:`sam`, onto ``||T_w^-1 eps||_p <= rho``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes
@@ -304,15 +246,20 @@ def asam(
     Kwon et al., ASAM: Adaptive Sharpness-Aware Minimization for
     Scale-Invariant Learning of Deep Neural Networks, ICML 2021, Algorithm 1.
   """
-  return _sharpness_aware(
-    rho,
-    eta,
-    adaptive=True,
-    p=p,
-    eps=eps,
-    adaptive_mask=adaptive_mask,
-    perturb_mask=perturb_mask,
-    axis_name=axis_name,
-    sync_perturbation=sync_perturbation,
-    has_aux=has_aux,
+  return transformation(
+    make_ascent(
+      "asam",
+      rho,
+      eta,
+      adaptive=True,
+      p=p,
+      eps=eps,
+      adaptive_mask=adaptive_mask,
+      perturb_mask=perturb_mask,
+      axis_name=axis_name,
+      sync_perturbation=sync_perturbation,
+      has_aux=has_aux,
+      ascent_steps=ascent_steps,
+      ascent_projection=ascent_projection,
+    )
   )

@@ -22,22 +22,10 @@ import jax.numpy as jnp
 import optax
 
 from asam_jax import _validation
-from asam_jax._masks import Mask, resolve_masks
-from asam_jax._perturbation import global_norm, perturbation
-
-
-def _ball_scale(params, *, eta, adaptive, adaptive_mask, perturb_mask):
-  """``T_w`` leaf by leaf: ``|w| + eta``, ``1``, or ``0`` on leaves never perturbed."""
-  on, scaled = resolve_masks(
-    params, adaptive=adaptive, adaptive_mask=adaptive_mask, perturb_mask=perturb_mask
-  )
-
-  def scale(w, on, s):
-    if not on:
-      return jnp.zeros_like(w)
-    return jnp.abs(w) + jnp.asarray(eta, w.dtype) if s else jnp.ones_like(w)
-
-  return jax.tree.map(scale, params, on, scaled)
+from asam_jax._layout import Layout, shard_axes_of
+from asam_jax._masks import Mask
+from asam_jax._norms import accumulation_dtype
+from asam_jax._perturbation import ball_scale, perturbation, project
 
 
 def random_perturbation(
@@ -79,29 +67,68 @@ def random_perturbation(
     Wen, Ma and Li, How Does Sharpness-Aware Minimization Minimize Sharpness?,
     ICLR 2023 (average-direction sharpness).
   """
+  return random_perturbation_with_norm(
+    key,
+    params,
+    rho=rho,
+    eta=eta,
+    adaptive=adaptive,
+    adaptive_mask=adaptive_mask,
+    perturb_mask=perturb_mask,
+  )[0]
+
+
+def _explicit_sharding(x: chex.Array) -> Any:
+  """``x``'s sharding where jax's explicit sharding mode gives it one, else ``None``."""
+  sharding = jax.typeof(x).sharding
+  mesh = getattr(sharding, "mesh", None)
+  explicit = mesh is not None and any(
+    t == jax.sharding.AxisType.Explicit for t in getattr(mesh, "axis_types", ())
+  )
+  return sharding if explicit else None
+
+
+def random_perturbation_with_norm(
+  key: chex.PRNGKey,
+  params: Any,
+  *,
+  rho: chex.Numeric,
+  eta: chex.Numeric = 0.0,
+  adaptive: bool = False,
+  adaptive_mask: Mask | None = None,
+  perturb_mask: Mask | None = None,
+  layout: Layout | None = None,
+) -> tuple[Any, chex.Array]:
+  """:func:`random_perturbation` and its radius ``||T^-1 eps||_2``: ``rho``, or NaN if invalid.
+
+  Each leaf draws its own normal numbers (under explicit sharding, each device
+  its shard of them; inside ``shard_map``, each shard of a sharded leaf its
+  own), and their norm is global over leaves and shards.
+  """
   _validation.check_nonnegative("rho", rho)
   _validation.check_nonnegative("eta", eta)
-  t = _ball_scale(
+  if layout is None:
+    layout = Layout(shard_axes=shard_axes_of(params))
+  t = ball_scale(
     params, eta=eta, adaptive=adaptive, adaptive_mask=adaptive_mask, perturb_mask=perturb_mask
   )
   leaves, treedef = jax.tree.flatten(t)
-  keys = jax.random.split(key, max(len(leaves), 1))
-  # z is zero on leaves that are never perturbed, so they stay out of its norm.
-  z = [
-    jnp.where(s != 0, jax.random.normal(k, s.shape, s.dtype), 0) if s.size else s
-    for k, s in zip(keys, leaves)
-  ]
-  norm = jnp.maximum(global_norm(z), jnp.finfo(jnp.float32).tiny)
-  return treedef.unflatten([(rho * s * zi / norm).astype(s.dtype) for s, zi in zip(leaves, z)])
-
-
-def _project(eps, t, rho, p):
-  """Back onto ``||T^-1 eps||_p <= rho``: radially for p = 2, by clipping for p = inf."""
-  if p == math.inf:
-    return jax.tree.map(lambda e, s: jnp.clip(e, -rho * s, rho * s), eps, t)
-  u = jax.tree.map(lambda e, s: jnp.where(s > 0, e / jnp.where(s > 0, s, 1), 0), eps, t)
-  shrink = jnp.minimum(1.0, rho / jnp.maximum(global_norm(u), jnp.finfo(jnp.float32).tiny))
-  return jax.tree.map(lambda e: (e * shrink).astype(e.dtype), eps)
+  if not leaves:
+    return t, jnp.zeros([], jnp.float32)
+  keys = jax.random.split(key, len(leaves))
+  z = []
+  for i, (k, s) in enumerate(zip(keys, leaves)):
+    if layout.shard_axes and layout.shard_axes[i]:
+      k = jax.random.fold_in(k, jax.lax.axis_index(layout.shard_axes[i]))
+    draw = jax.random.normal(k, s.shape, accumulation_dtype(s), out_sharding=_explicit_sharding(s))
+    # z is zero on leaves that are never perturbed, so they stay out of its norm.
+    z.append(jnp.where(s != 0, draw, 0))
+  squares = layout.sum([jnp.sum(jnp.square(x)) for x in z], range(len(z)))
+  rho = _validation.guard(rho, squares.dtype)
+  # sum(z^2) is near the number of weights: it neither overflows nor underflows.
+  scale = jnp.where(squares > 0, rho / jnp.sqrt(jnp.where(squares > 0, squares, 1)), 0)
+  eps = treedef.unflatten([(scale * s * x).astype(s.dtype) for s, x in zip(leaves, z)])
+  return eps, rho * (squares > 0)
 
 
 def sharpness(
@@ -180,21 +207,21 @@ def sharpness(
   step_size = rho / 2 if step_size is None else step_size
   _validation.check_nonnegative("step_size", step_size)
   ball = dict(eta=eta, adaptive=adaptive, adaptive_mask=adaptive_mask, perturb_mask=perturb_mask)
-  t = _ball_scale(params, **ball)
+  t = ball_scale(params, **ball)
+  layout = Layout(shard_axes=shard_axes_of(params))
   shift = lambda eps: optax.apply_updates(params, eps)
 
   clean, grads = jax.value_and_grad(loss_fn)(params)
   if key is None:
     eps = perturbation(grads, params, rho=rho, p=p, **ball)
   else:
-    eps = _project(random_perturbation(key, params, rho=rho, **ball), t, rho, p)
+    eps = project(random_perturbation(key, params, rho=rho, **ball), t, rho, p, layout)[0]
 
   def body(_, carry):
     eps, best = carry
     value, g = jax.value_and_grad(loss_fn)(shift(eps))
-    eps = _project(
-      jax.tree.map(jnp.add, eps, perturbation(g, params, rho=step_size, p=p, **ball)), t, rho, p
-    )
+    step = perturbation(g, params, rho=step_size, p=p, **ball)
+    eps = project(jax.tree.map(jnp.add, eps, step), t, rho, p, layout)[0]
     return eps, jnp.maximum(best, value)
 
   eps, best = jax.lax.fori_loop(0, steps, body, (eps, clean))

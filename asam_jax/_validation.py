@@ -10,25 +10,31 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def check_p(p: Any) -> float:
+def _injected_message(name: str, what: str, who: str, statics: tuple[str, ...]) -> str:
+  return (
+    f"{name} is traced, but it {what} and must be static. optax.inject_hyperparams "
+    f"injects every numeric argument, defaults included: build with "
+    f"optax.inject_hyperparams(asam_jax.{who}, static_args={statics!r})."
+  )
+
+
+def check_p(p: Any, who: str = "sam", statics: tuple[str, ...] = ("p",)) -> float:
   """Returns ``p`` as a float after checking that it names an l_p ball.
 
   Args:
     p: the norm of the perturbation ball: a real number >= 1, or ``inf``.
+    who: the constructor, for the message.
+    statics: its arguments that ``optax.inject_hyperparams`` must leave static.
 
   Returns:
     ``float(p)``.
 
   Raises:
-    TypeError: ``p`` is not a real number.
+    TypeError: ``p`` is not a real number, or is traced.
     ValueError: ``p`` is NaN or smaller than 1.
   """
   if isinstance(p, jax.core.Tracer):
-    raise TypeError(
-      "p is traced, but it picks the formula and must be static. "
-      "optax.inject_hyperparams injects every numeric argument, p included: "
-      "build with optax.inject_hyperparams(asam_jax.sam, static_args=('p',))."
-    )
+    raise TypeError(_injected_message("p", "picks the formula", who, statics))
   if isinstance(p, (jax.Array, np.ndarray)) and p.shape == ():
     p = p.item()
   if isinstance(p, bool) or not isinstance(p, (int, float, np.integer, np.floating)):
@@ -85,3 +91,46 @@ def check_positive(name: str, value: Any) -> None:
       f"{name} must be > 0, got {value}: it guards the division by the "
       "gradient norm, so 0 would give NaN on a zero gradient."
     )
+
+
+def guard(value: Any, dtype: Any) -> Any:
+  """A hyperparameter as used at run time: NaN where it is negative or not finite.
+
+  A schedule that crosses zero, or a value set through
+  ``optax.inject_hyperparams`` under ``jit``, cannot be checked when the
+  transformation is built. Turned into NaN, it makes the update NaN, so that
+  ``optax.apply_if_finite`` skips the step instead of taking a plausible
+  wrong one. Python numbers were checked at construction and pass as they are.
+  """
+  if isinstance(value, (int, float)):
+    return value
+  value = jnp.asarray(value, dtype)
+  return jnp.where(jnp.isfinite(value) & (value >= 0), value, jnp.nan)
+
+
+def static_int(
+  name: str, value: Any, *, minimum: int, who: str, statics: tuple[str, ...], meaning: str
+) -> int:
+  """Checks an int that shapes the computation (a count of steps), which must not be traced.
+
+  Args:
+    name: the argument's name.
+    value: its value.
+    minimum: the smallest value allowed.
+    who: the constructor, for the message.
+    statics: its arguments that ``optax.inject_hyperparams`` must leave static.
+    meaning: what the argument is, for the message.
+
+  Returns:
+    ``value``.
+
+  Raises:
+    TypeError: ``value`` is an array, as ``optax.inject_hyperparams`` passes
+      it without ``static_args``.
+    ValueError: ``value`` is not an int >= ``minimum``.
+  """
+  if isinstance(value, (jax.Array, np.ndarray)):
+    raise TypeError(_injected_message(name, f"is {meaning}", who, statics))
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+    raise ValueError(f"{name} must be an int >= {minimum} ({meaning}), got {value!r}.")
+  return int(value)

@@ -204,14 +204,14 @@ def make_optimizer(
       ),
     )
   if method == "sam":
-    first = optax.inject_hyperparams(asam_jax.sam, static_args=("p",))(rho=rho)
+    first = optax.inject_hyperparams(asam_jax.sam, static_args=("p", "ascent_steps"))(rho=rho)
   elif method == "asam":
     if convention not in CONVENTIONS:
       raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}.")
     mask = asam_jax.kernel_mask if convention == "kernels" else None
-    first = optax.inject_hyperparams(asam_jax.asam, static_args=("p", "adaptive_mask"))(
-      rho=rho, eta=eta, adaptive_mask=mask
-    )
+    first = optax.inject_hyperparams(
+      asam_jax.asam, static_args=("p", "ascent_steps", "adaptive_mask")
+    )(rho=rho, eta=eta, adaptive_mask=mask)
   elif method == "gsam":
     first = optax.inject_hyperparams(asam_jax.gsam)(rho=rho, alpha=GSAM_ALPHA)
   elif method == "looksam":

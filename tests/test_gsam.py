@@ -49,9 +49,8 @@ def test_rho_follows_the_learning_rate():
   rho = asam_jax.gsam_rho_schedule(lr, rho_max=0.3, rho_min=0.1, lr_max=0.2, lr_min=0.02)
   counts = np.arange(9)
   lrs = np.array([lr(c) for c in counts], np.float64)
-  np.testing.assert_allclose(
-    [rho(c) for c in counts], 0.1 + 0.2 * (lrs - 0.02) / (0.2 - 0.02), rtol=1e-6
-  )
+  want = np.clip(0.1 + 0.2 * (lrs - 0.02) / (0.2 - 0.02), 0.1, 0.3)
+  np.testing.assert_allclose([rho(c) for c in counts], want, rtol=1e-6)
   # In the transformation: SAM's perturbation has norm rho_t, step after step.
   tx = optax.chain(asam_jax.gsam(rho=rho, alpha=0.1), optax.sgd(lr))
   loss_fn = lambda p: 0.5 * jnp.sum(p["w"] ** 2) + jnp.sum(p["b"] ** 2)
@@ -65,12 +64,27 @@ def test_rho_follows_the_learning_rate():
   for _ in range(4):
     params, state = step(params, state)
     norms.append(float(state[0].perturbation_norm))
-  np.testing.assert_allclose(norms, 0.1 + 0.2 * (lrs[:4] - 0.02) / 0.18, rtol=1e-5)
+  np.testing.assert_allclose(norms, want[:4], rtol=1e-5)
+
+
+def test_rho_schedule_is_rho_max_for_a_constant_lr_and_clamped_through_a_warm_up():
+  constant = asam_jax.gsam_rho_schedule(
+    optax.constant_schedule(0.1), rho_max=0.3, rho_min=0.1, lr_max=0.1, lr_min=0.1
+  )
+  np.testing.assert_allclose([constant(c) for c in range(3)], 0.3)
+  # A warm-up from 0 passes below lr_min: rho stays at rho_min, so gsam can be built.
+  lr = optax.warmup_cosine_decay_schedule(0.0, 0.2, 4, 10, end_value=0.05)
+  rho = asam_jax.gsam_rho_schedule(lr, rho_max=0.3, rho_min=0.1, lr_max=0.2, lr_min=0.05)
+  values = np.array([rho(c) for c in range(12)])
+  assert values.min() >= 0.1 and values.max() <= 0.3 + 1e-7
+  np.testing.assert_allclose(values[:2], 0.1)
+  np.testing.assert_allclose(values[4], 0.3, rtol=1e-6)
+  asam_jax.gsam(rho=rho)
 
 
 def test_bad_arguments_fail_with_instructions():
   lr = optax.linear_schedule(0.1, 0.0, 10)
-  with pytest.raises(ValueError, match="lr_max must be > lr_min"):
+  with pytest.raises(ValueError, match="lr_max must be >= lr_min"):
     asam_jax.gsam_rho_schedule(lr, rho_max=0.1, rho_min=0.0, lr_max=0.0, lr_min=0.1)
   with pytest.raises(ValueError, match="rho_min must be <= rho_max"):
     asam_jax.gsam_rho_schedule(lr, rho_max=0.1, rho_min=0.2, lr_max=0.1, lr_min=0.0)

@@ -194,7 +194,7 @@ def test_property_random_pytrees(spec, seed, p, adaptive, zeros):
     (dict(rho=0.1, eta=-1.0), ValueError, "eta must be finite and >= 0"),
     (dict(rho=0.1, p=0.5), ValueError, "p must be >= 1"),
     (dict(rho=0.1, p="2"), TypeError, "p must be a real number"),
-    (dict(rho=0.1, eps=0.0), ValueError, "eps must be > 0"),
+    (dict(rho=0.1, eps=-1e-3), ValueError, "eps must be finite and >= 0"),
     (dict(rho=jnp.ones(2)), TypeError, "rho must be a real scalar"),
     (
       dict(rho=0.1, perturb_mask={"dense": True}),

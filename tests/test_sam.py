@@ -98,9 +98,16 @@ def test_update_is_gradient_at_perturbed_weights(method):
   want, e, perturbed_loss = sam_grad64(W0, X, Y, **ref_kwargs)
   assert_close(grads, want)
   np.testing.assert_allclose(state.perturbed_loss, perturbed_loss, rtol=1e-5)
-  np.testing.assert_allclose(
-    state.perturbation_norm, np.sqrt(sum(np.sum(v**2) for v in e.values())), rtol=1e-5
+  # The radius reached in the ball's own norm: rho, here computed from eps itself.
+  reached = reference.ball_norm(
+    [e["b"], e["w"]],
+    [W0["b"], W0["w"]],
+    eta=ref_kwargs.get("eta", 0.0),
+    adaptive=ref_kwargs.get("adaptive_flags", [ref_kwargs.get("adaptive", False)] * 2),
+    p=ref_kwargs.get("p", 2.0),
   )
+  np.testing.assert_allclose(state.perturbation_norm, reached, rtol=1e-5)
+  np.testing.assert_allclose(reached, ref_kwargs["rho"], rtol=1e-9)
   assert int(state.count) == 1
 
 
@@ -226,11 +233,13 @@ def test_eta_schedule_advances_every_update():
 
 
 def test_inject_hyperparams_changes_rho_at_run_time():
-  # p picks the formula, so it stays static; without static_args the error says so.
-  with pytest.raises(TypeError, match=r"static_args=\('p',\)"):
+  # p and ascent_steps shape the computation, so they stay static; without static_args
+  # the error names both.
+  with pytest.raises(TypeError, match=r"static_args=\('p', 'ascent_steps'\)"):
     one_update(optax.inject_hyperparams(asam_jax.sam)(rho=0.2), f32(W0), X, Y)
+  statics = ("p", "ascent_steps")
   tx = optax.chain(
-    optax.inject_hyperparams(asam_jax.sam, static_args=("p",))(rho=0.2), optax.sgd(0.01)
+    optax.inject_hyperparams(asam_jax.sam, static_args=statics)(rho=0.2), optax.sgd(0.01)
   )
 
   step = ls_step(tx)
@@ -332,7 +341,7 @@ def test_state_is_a_pytree_that_jits_and_restores():
       r"rho\(0\), the schedule's first value",
     ),
     (lambda: asam_jax.sam(sync_perturbation=True), ValueError, "needs axis_name"),
-    (lambda: asam_jax.sam(eps=0.0), ValueError, "eps must be > 0"),
+    (lambda: asam_jax.sam(eps=-1.0), ValueError, "eps must be finite and >= 0"),
   ],
 )
 def test_bad_hyperparameters_fail_at_construction(make, error, match):
