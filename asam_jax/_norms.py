@@ -87,15 +87,19 @@ def guarded(ok: chex.Array, fast: Any, slow: Any, operands: Any) -> Any:
 
 
 def _sums(vectors, scales, pairs, layout, leaves):
+  def product(x, y, i, j, tag):
+    # Rescaled, x and y are expressions that XLA would write out once for all
+    # the sums that read them, and a scale it would broadcast to full size:
+    # through a barrier per sum, each sum stays one pass that reads x and y.
+    x, y, sx, sy, _ = jax.lax.optimization_barrier((x, y, scales[i], scales[j], jnp.int32(tag)))
+    return jnp.sum((x.astype(sx.dtype) * sx) * (y.astype(sy.dtype) * sy))
+
   return [
     layout.sum(
-      [
-        jnp.sum((x.astype(scales[i].dtype) * scales[i]) * (y.astype(scales[j].dtype) * scales[j]))
-        for x, y in zip(vectors[i], vectors[j])
-      ],
+      [product(x, y, i, j, tag) for x, y in zip(vectors[i], vectors[j])],
       leaves,
     )
-    for i, j in pairs
+    for tag, (i, j) in enumerate(pairs)
   ]
 
 

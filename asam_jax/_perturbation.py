@@ -77,13 +77,12 @@ def _tg(g, w, eta, dtype):
   return g if t is None else t * g
 
 
-def _barrier_tg(g, w, eta, dtype):
-  # XLA would merge this T g with the one of the eps pass and write the
-  # shared value out, since the fast reduction kernel takes no shared input:
-  # a full-size temporary and an extra pass. The barrier keeps them apart.
-  if eta is None:
-    return _tg(jax.lax.optimization_barrier(g), w, None, dtype)
-  g, w, eta = jax.lax.optimization_barrier((g, w, eta))
+def _barrier_tg(g, w, eta, dtype, tag=0):
+  # XLA would merge this T g with the one of the eps pass (or of another
+  # reduction) and write the shared value out, since the fast reduction kernel
+  # takes no shared input: a full-size temporary and an extra pass. A barrier
+  # keeps them apart; the tag keeps XLA from merging two barriers.
+  g, w, eta, _ = jax.lax.optimization_barrier((g, w, eta, jnp.int32(tag)))
   return _tg(g, w, eta, dtype)
 
 
@@ -99,10 +98,12 @@ def _dual_norm(leaves, q, layout, indices, dtype):
 
   def slow(leaves):
     largest = layout.max(
-      [jnp.max(jnp.abs(_barrier_tg(*leaf, dtype)), initial=0) for leaf in leaves], indices
+      [jnp.max(jnp.abs(_barrier_tg(*leaf, dtype, tag=1)), initial=0) for leaf in leaves], indices
     )
     s = pow2_inverse(largest)
-    total = layout.sum([jnp.sum(power(_barrier_tg(*leaf, dtype) * s)) for leaf in leaves], indices)
+    total = layout.sum(
+      [jnp.sum(power(_barrier_tg(*leaf, dtype, tag=2) * s)) for leaf in leaves], indices
+    )
     return s, norm(total)
 
   return guarded(safe(fast), (one, norm(fast)), slow, leaves)
