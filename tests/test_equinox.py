@@ -63,8 +63,25 @@ class Net(eqx.Module):
     return self.mlp(x) * self.scale + self.offset
 
 
+def drawn(make, *args, seed=0, **kwargs):
+  """``make(*args, key=...)`` with its arrays drawn by NumPy, N(0, 1 / fan-in).
+
+  Equinox's initializers run eagerly and compile op by op, which would take
+  longer than the tests themselves.
+  """
+  shapes = eqx.filter_eval_shape(make, *args, key=jax.random.key(0), **kwargs)
+  rng = np.random.default_rng(seed)
+
+  def draw(leaf):
+    if not isinstance(leaf, jax.ShapeDtypeStruct):
+      return leaf
+    return jnp.asarray(rng.normal(size=leaf.shape) / np.sqrt(leaf.shape[-1]), leaf.dtype)
+
+  return jax.tree.map(draw, shapes)
+
+
 def make_net():
-  mlp = eqx.nn.MLP(3, 1, width_size=8, depth=DEPTH, key=jax.random.key(0))
+  mlp = drawn(eqx.nn.MLP, 3, 1, width_size=8, depth=DEPTH)
   return Net(mlp, jnp.array(1, jnp.int32), 2)
 
 
@@ -205,13 +222,12 @@ class BNNet(eqx.Module):
   dropout: eqx.nn.Dropout
   linear2: eqx.nn.Linear
 
-  def __init__(self, key):
-    k1, k2 = jax.random.split(key)
-    self.linear1 = eqx.nn.Linear(3, 8, key=k1)
+  def __init__(self):
+    self.linear1 = drawn(eqx.nn.Linear, 3, 8, seed=1)
     # "ema" normalizes with the running statistics mixed in, so the state a pass starts from matters.
     self.norm = eqx.nn.BatchNorm(8, axis_name="batch", momentum=0.5, mode="ema")
     self.dropout = eqx.nn.Dropout(0.5)
-    self.linear2 = eqx.nn.Linear(8, 1, key=k2)
+    self.linear2 = drawn(eqx.nn.Linear, 8, 1, seed=2)
 
   def __call__(self, x, state, key):
     h, state = self.norm(self.linear1(x), state)
@@ -248,7 +264,7 @@ def floats(tree):
 
 
 def test_batch_norm_state_and_dropout_key_of_the_clean_pass():
-  model, state = eqx.nn.make_with_state(BNNet)(jax.random.key(0))
+  model, state = eqx.nn.make_with_state(BNNet)()
   # rbg dropout keys: compiling threefry's would double the test's time, and
   # the kind of key does not matter here.
   key = jax.random.key(7, impl="rbg")
