@@ -41,11 +41,20 @@ def missing_loss_fn(who: str) -> str:
 
 
 def check_call(who: str, loss_fn: Any, params: Any) -> None:
-  """Says how to call ``update`` when the loss closure or the weights are missing."""
+  """Says how to call ``update`` when the loss closure or the weights are missing or partial."""
   if loss_fn is None:
     raise TypeError(missing_loss_fn(who))
   if params is None:
     raise ValueError(f"{who} perturbs the weights, so update needs params: " + missing_loss_fn(who))
+  masked = lambda x: isinstance(x, optax.MaskedNode)
+  if any(masked(x) for x in jax.tree.leaves(params, is_leaf=masked)):
+    raise ValueError(
+      f"{who} was given params with optax.MaskedNode placeholders: it sits inside "
+      "optax.masked or optax.multi_transform, which hand it only some of the params. "
+      "loss_fn needs all of them to evaluate the loss at w + eps, so put it outside and "
+      f"say which leaves it perturbs with perturb_mask: optax.chain(asam_jax.{who}(..., "
+      "perturb_mask=mask), optax.masked(optimizer, mask))."
+    )
 
 
 def scalar_loss(loss_fn: Callable[[Any], Any], has_aux: bool) -> Callable[[Any], chex.Array]:

@@ -49,7 +49,10 @@ def _reuse(g, g_v, alpha, layout):
   (gg, vv), (s_g, s_v) = inner_products(
     [g_leaves, treedef.flatten_up_to(g_v)], [(0, 0), (1, 1)], layout, range(len(g_leaves))
   )
-  scale = alpha * jnp.where(vv > 0, jnp.sqrt(gg / jnp.where(vv > 0, vv, 1)), 0) * (s_v / s_g)
+  # Two roots, not the root of a ratio, which can overflow where they do not.
+  scale = (
+    alpha * jnp.where(vv > 0, jnp.sqrt(gg) / jnp.sqrt(jnp.where(vv > 0, vv, 1)), 0) * (s_v / s_g)
+  )
   return jax.tree.map(lambda x, v: (x + scale * v).astype(x.dtype), g, g_v)
 
 

@@ -71,19 +71,20 @@ def _t_or_one(w, eta, dtype):
   return 1 if t is None else t
 
 
-def _tg(g, w, eta, dtype):
+def _tg(g, w, eta, dtype, s=1):
+  """``T (g s)``: scaled before ``T`` multiplies, so that ``T g`` cannot underflow first."""
   t = _scale(w, eta, dtype)
-  g = g.astype(dtype)
+  g = g.astype(dtype) * s
   return g if t is None else t * g
 
 
-def _barrier_tg(g, w, eta, dtype, tag=0):
+def _barrier_tg(g, w, eta, dtype, tag=0, s=1):
   # XLA would merge this T g with the one of the eps pass (or of another
   # reduction) and write the shared value out, since the fast reduction kernel
   # takes no shared input: a full-size temporary and an extra pass. A barrier
   # keeps them apart; the tag keeps XLA from merging two barriers.
-  g, w, eta, _ = jax.lax.optimization_barrier((g, w, eta, jnp.int32(tag)))
-  return _tg(g, w, eta, dtype)
+  g, w, eta, s, _ = jax.lax.optimization_barrier((g, w, eta, s, jnp.int32(tag)))
+  return _tg(g, w, eta, dtype, s)
 
 
 def _dual_norm(leaves, q, layout, indices, dtype):
@@ -102,7 +103,7 @@ def _dual_norm(leaves, q, layout, indices, dtype):
     )
     s = pow2_inverse(largest)
     total = layout.sum(
-      [jnp.sum(power(_barrier_tg(*leaf, dtype, tag=2) * s)) for leaf in leaves], indices
+      [jnp.sum(power(_barrier_tg(*leaf, dtype, tag=2, s=s))) for leaf in leaves], indices
     )
     return s, norm(total)
 
@@ -261,20 +262,22 @@ def perturbation_with_norm(
     largest = layout.max(
       [jnp.max(jnp.abs(_barrier_tg(*leaf, dtype)), initial=0) for leaf in leaves], indices
     )
-    # Non-finite gradients make every eps NaN, so that apply_if_finite skips the step.
-    radius = jnp.where(jnp.isfinite(largest), rho, jnp.nan)
-    reached = radius * (largest > 0)
+    # Non-finite gradients make every eps NaN, so that apply_if_finite skips the
+    # step. (A where, not a product with NaN: XLA may turn that into a select.)
+    finite = jnp.isfinite(largest)
+    reached = jnp.where(finite, jnp.where(largest > 0, rho, 0), jnp.nan)
     if p == math.inf:
-      es = [radius * _t_or_one(w, e, dtype) * jnp.sign(g).astype(dtype) for g, w, e in leaves]
+      es = [rho * _t_or_one(w, e, dtype) * jnp.sign(g).astype(dtype) for g, w, e in leaves]
     else:
       # The maximizer puts all of rho on the largest |T g|, split evenly over
       # ties so that ||T^-1 eps||_1 = rho still holds.
       tops = [(jnp.abs(_tg(*leaf, dtype)) == largest) & (largest > 0) for leaf in leaves]
       count = jnp.maximum(layout.sum([jnp.sum(t, dtype=dtype) for t in tops], indices), 1)
       es = [
-        (radius / count) * _t_or_one(w, e, dtype) * jnp.sign(g).astype(dtype) * t
+        jnp.where(t, (rho / count) * _t_or_one(w, e, dtype) * jnp.sign(g).astype(dtype), 0)
         for (g, w, e), t in zip(leaves, tops)
       ]
+    es = [jnp.where(finite, e, jnp.nan) for e in es]
   else:
     q = p / (p - 1)
     s, n = _dual_norm(leaves, q, layout, indices, dtype)
@@ -284,15 +287,13 @@ def perturbation_with_norm(
     if q == 2:
       reached = rho * n * inverse
       # (T g s) (rho / n) T: each factor stays in range whatever g's magnitude.
-      es = [
-        _tg(g, w, e, dtype) * s * (rho * inverse) * _t_or_one(w, e, dtype) for g, w, e in leaves
-      ]
+      es = [_tg(g, w, e, dtype, s) * (rho * inverse) * _t_or_one(w, e, dtype) for g, w, e in leaves]
     else:
       reached = rho * (n * inverse) ** (q - 1)
       es = []
       for g, w, e in leaves:
-        tg = _tg(g, w, e, dtype)
-        direction = jnp.sign(tg) * (jnp.abs(tg) * s * inverse) ** (q - 1)
+        tg = _tg(g, w, e, dtype, s)
+        direction = jnp.sign(tg) * (jnp.abs(tg) * inverse) ** (q - 1)
         es.append(rho * direction * _t_or_one(w, e, dtype))
 
   for (i, _, w, _), e in zip(chosen, es):

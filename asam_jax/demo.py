@@ -19,12 +19,23 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import json
 import statistics
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+if _missing := [
+  m for m in ("flax", "mnist1d", "tqdm", "matplotlib") if not importlib.util.find_spec(m)
+]:
+  _message = (
+    f"The demo needs the demo extra, which is not installed (missing: {', '.join(_missing)}). "
+    "Install it with pip install 'asam_jax[demo]' (from a checkout: pip install -e '.[demo]')."
+  )
+  # A clean message for `python -m asam_jax.demo`, an ImportError for an import.
+  raise SystemExit(_message) if __name__ == "__main__" else ImportError(_message)
 
 import flax.linen as nn
 import jax

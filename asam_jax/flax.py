@@ -85,8 +85,14 @@ class TrainState(train_state.TrainState):
 
   batch_stats: Any = None
 
-  def apply_gradients(self, *, grads: Any, loss_fn: Callable[[Any], Any], **kwargs: Any):
-    """Applies one SAM/ASAM update: ``tx.update(..., loss_fn=loss_fn)``.
+  def apply_gradients(
+    self, *, grads: Any, loss_fn: Callable[[Any], Any] | None = None, **kwargs: Any
+  ) -> Any:
+    """Applies one update: ``tx.update(grads, opt_state, params, loss_fn=loss_fn)``.
+
+    Without ``loss_fn`` it is Flax's own ``apply_gradients``, for a
+    transformation that needs no closure (a plain optimizer, Momentum-SAM,
+    :func:`asam_jax.alternating`); SAM/ASAM then say that they need one.
 
     Args:
       grads: the clean gradient, with the structure of ``params``.
@@ -97,6 +103,8 @@ class TrainState(train_state.TrainState):
     Returns:
       The state after the update, with ``step`` incremented.
     """
+    if loss_fn is None:
+      return super().apply_gradients(grads=grads, **kwargs)
     tx = self.tx
     # tx is a static field, so binding the closure to it is free under jit. A
     # plain optimizer (an SGD baseline run through the same train step) ignores it.
@@ -162,11 +170,19 @@ def nnx_value_and_grad(
     Foret et al., Sharpness-Aware Minimization for Efficiently Improving
     Generalization, ICLR 2021, Algorithm 1.
   """
-  graphdef, _, rest = nnx.split(model, wrt, ...)
+  graphdef, wrt_state, rest = nnx.split(model, wrt, ...)
+  expected = jax.tree.structure(nnx.to_pure_dict(wrt_state))
   # Plain arrays: a snapshot that the clean pass's in-place updates cannot reach.
   rest = nnx.as_pure(rest)
 
   def loss_fn(params):
+    if jax.tree.structure(nnx.to_pure_dict(params)) != expected:
+      raise ValueError(
+        "the params tx.update was given are not the variables nnx_value_and_grad "
+        f"differentiated (wrt={wrt!r}): pass nnx_value_and_grad the optimizer's wrt, "
+        "as in nnx.Optimizer(model, tx, wrt=X) and nnx_value_and_grad(loss, model, "
+        "*args, wrt=X)."
+      )
     out = loss(nnx.merge(graphdef, params, rest), *args)
     return out[0] if has_aux else out
 

@@ -1,6 +1,8 @@
 """The demo: its data, its optimizer against a float64 reference, and its command line."""
 
 import json
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -170,3 +172,15 @@ def test_the_variants_run_in_the_demo_with_sams_rho(tmp_path):
   for run in runs:
     assert run["test_acc"][0][-1] > 0.2, run["method"]  # well above chance after one epoch
   assert "| mlp | LOOKSAM |" in (tmp_path / "results.md").read_text()
+
+
+def test_demo_on_a_core_install_names_the_extra_to_install():
+  """Without Flax (a core install), --help says which extra to install instead of a traceback."""
+  hide_flax = (
+    "import sys, runpy; sys.modules['flax'] = None; sys.argv = ['demo', '--help']; "
+    "runpy.run_module('asam_jax.demo', run_name='__main__')"
+  )
+  result = subprocess.run([sys.executable, "-c", hide_flax], capture_output=True, text=True)
+  assert result.returncode == 1
+  assert "pip install 'asam_jax[demo]'" in result.stderr and "missing: flax" in result.stderr
+  assert "Traceback" not in result.stderr

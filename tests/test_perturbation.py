@@ -1,6 +1,7 @@
 """asam_jax.perturbation against the float64 NumPy reference in reference.py."""
 
 import dataclasses
+import functools
 import math
 
 import chex
@@ -10,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference
-from hypothesis import given
+from hypothesis import given, settings
 
 import asam_jax
 
@@ -183,6 +184,97 @@ def test_property_random_pytrees(spec, seed, p, adaptive, zeros):
     assert all(not np.any(x) for x in got_leaves)
 
 
+# --- magnitudes across each dtype's range ------------------------------------
+
+# The normal range of each dtype, kept clear of its edges by T <= 1 + eta.
+RANGES = {
+  jnp.float32: (1.2e-38, 3.3e38),
+  jnp.bfloat16: (1.2e-38, 3.3e38),
+  jnp.float16: (6.2e-5, 6.4e4),
+}
+ETA = 0.01
+
+
+@functools.cache
+def _jitted(p, adaptive):
+  return jax.jit(lambda g, w: asam_jax.perturbation(g, w, rho=0.5, eta=ETA, adaptive=adaptive, p=p))
+
+
+@pytest.mark.parametrize("dtype", list(RANGES))
+@pytest.mark.parametrize("p", [2, math.inf, 1, 3])
+@pytest.mark.parametrize("adaptive", [False, True])
+@settings(max_examples=12)
+@given(log_scale=st.floats(0, 1), seed=st.integers(0, 2**31 - 1))
+def test_radius_is_rho_for_gradients_across_the_dtype_range(dtype, p, adaptive, log_scale, seed):
+  """||T^-1 eps||_p = rho, eps finite, for gradients anywhere in the dtype's normal range.
+
+  A sum of squares in float32 overflows from 1.8e19 and underflows below 1e-19;
+  the guarded norm must not.
+  """
+  lo, hi = RANGES[dtype]
+  rng = np.random.default_rng(seed)
+  # Entries spread over two decades below a largest magnitude drawn log-uniformly,
+  # and T g >= eta g stays a normal number.
+  top = np.exp(np.log(lo * 1e4) + log_scale * (np.log(hi / (1 + ETA)) - np.log(lo * 1e4)))
+  g = {
+    "k": top * rng.uniform(0.01, 1, (3, 4)) * rng.choice([-1, 1], (3, 4)),
+    "b": top * rng.uniform(0.01, 1, 5) * rng.choice([-1, 1], 5),
+  }
+  w = {"k": rng.uniform(-1, 1, (3, 4)), "b": rng.uniform(-1, 1, 5)}
+  g, w = jax.tree.map(lambda x: jnp.asarray(x, dtype), (g, w))
+  eps = _jitted(p, adaptive)(g, w)
+  eps64, w64 = _leaves64(eps), _leaves64(w)
+  assert all(np.all(np.isfinite(e)) for e in eps64)
+  flags = [adaptive] * 2
+  reached = reference.ball_norm(eps64, w64, eta=ETA, adaptive=flags, p=p)
+  tol = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2, jnp.float16: 3e-3}[dtype]
+  np.testing.assert_allclose(reached, 0.5, rtol=tol)
+  want = reference.perturbation(_leaves64(g), w64, rho=0.5, eta=ETA, adaptive=flags, p=p)
+  scale = max(np.abs(x).max() for x in want)
+  for a, b in zip(eps64, want):
+    np.testing.assert_allclose(a, b, rtol=tol, atol=tol * scale)
+
+
+@pytest.mark.parametrize("p", [2, math.inf, 1, 3])
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_a_non_finite_gradient_makes_every_eps_nan(p, bad):
+  """Never a finite wrong step: optax.apply_if_finite can then skip it."""
+  w = _f32(_tree(1))
+  g = _f32(_tree(0))
+  g["dense"]["kernel"] = g["dense"]["kernel"].at[1, 2].set(bad)
+  got = asam_jax.perturbation(g, w, rho=0.5, eta=ETA, adaptive=True, p=p)
+  assert all(np.all(np.isnan(x)) for x in jax.tree.leaves(got))
+
+
+@pytest.mark.parametrize("name", ["rho", "eta"])
+@pytest.mark.parametrize("value", [-0.1, np.nan, np.inf])
+def test_invalid_run_time_hyperparameters_make_eps_nan(name, value):
+  """A schedule crossing zero, or a value injected under jit, cannot be checked up front."""
+  g, w = _f32(_tree(0)), _f32(_tree(1))
+  fn = jax.jit(
+    lambda h: asam_jax.perturbation(g, w, adaptive=True, **{"rho": 0.3, "eta": 0.01, name: h})
+  )
+  assert all(np.all(np.isnan(x)) for x in jax.tree.leaves(fn(jnp.float32(value))))
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(fn(jnp.float32(0.2))))
+
+
+def test_tiny_nonzero_gradients_are_normalized_exactly_by_default():
+  """The old eps guard (1e-12) shrank eps for ||g|| < eps; the default now normalizes any g != 0."""
+  w = {"w": jnp.ones(3)}
+  g = {"w": jnp.array([3e-30, 4e-30, 0.0])}
+  np.testing.assert_allclose(asam_jax.perturbation(g, w, rho=0.5)["w"], [0.3, 0.4, 0.0], rtol=1e-6)
+  # eps > 0 restores a floor on the norm divided by.
+  np.testing.assert_allclose(
+    asam_jax.perturbation(g, w, rho=0.5, eps=1e-12)["w"], [1.5e-18, 2e-18, 0.0], rtol=1e-6
+  )
+
+
+def test_grads_of_another_shape_are_refused_with_the_leaf_path():
+  w = {"a": jnp.ones((2, 3)), "b": jnp.ones(3)}
+  with pytest.raises(ValueError, match=r"differ in shape at \['a'\].*\(3, 2\).*\(2, 3\)"):
+    asam_jax.perturbation({"a": jnp.ones((3, 2)), "b": jnp.ones(3)}, w, rho=0.1)
+
+
 # --- bad input ---------------------------------------------------------------
 
 
@@ -218,7 +310,7 @@ def test_structure_mismatch_and_integer_leaves_are_refused():
   w = {"a": jnp.ones(2), "step": jnp.zeros([], jnp.int32)}
   with pytest.raises(ValueError, match="same tree structure"):
     asam_jax.perturbation({"a": jnp.ones(2)}, w, rho=0.1)
-  with pytest.raises(TypeError, match=r"\['step'\] has dtype int32.*perturb_mask"):
+  with pytest.raises(TypeError, match=r"\['step'\] has dtype int32.*Take it out of the params"):
     asam_jax.perturbation(w, w, rho=0.1)
   got = asam_jax.perturbation(w, w, rho=0.1, perturb_mask={"a": True, "step": False})
   assert got["step"].dtype == jnp.int32 and int(got["step"]) == 0

@@ -489,3 +489,151 @@ def test_rho_schedule_moves_where_optax_contrib_sam_freezes_it():
     updates, state = theirs.update(jax.grad(ls_loss)(params, X, Y), state, params, grad_fn=grad_fn)
     params = optax.apply_updates(params, updates)
   np.testing.assert_allclose(radii, [0.2, 0.2, 0.2], rtol=1e-5)
+
+
+# --- run-time hyperparameters, partial params, odd calls -------------------------------
+
+
+def test_a_rho_schedule_crossing_zero_gives_a_nan_step_that_apply_if_finite_skips():
+  schedule = optax.linear_schedule(0.2, -0.2, transition_steps=2)  # rho(2) = -0.2
+  tx = optax.chain(
+    asam_jax.sam(rho=schedule), optax.apply_if_finite(optax.sgd(0.1), max_consecutive_errors=5)
+  )
+  step = ls_step(tx)
+  params, state = f32(W0), tx.init(f32(W0))
+  for _ in range(2):
+    params, state = step(params, state)
+  before = params
+  params, state = step(params, state)
+  chex.assert_trees_all_equal(params, before)
+  assert int(state[1].notfinite_count) == 1
+  assert np.isnan(state[0].perturbation_norm)
+
+
+@pytest.mark.parametrize("wrap", ["masked", "multi_transform"])
+def test_inside_optax_masked_is_refused_with_perturb_mask_as_the_fix(wrap):
+  mask = {"b": False, "w": True}
+  if wrap == "masked":
+    tx = optax.masked(asam_jax.sam(rho=0.2), mask)
+  else:
+    tx = optax.multi_transform(
+      {"sam": asam_jax.sam(rho=0.2), "plain": optax.sgd(0.1)}, {"b": "plain", "w": "sam"}
+    )
+  with pytest.raises(ValueError, match=r"optax.MaskedNode.*perturb_mask=mask"):
+    one_update(tx, f32(W0), X, Y)
+  # The fix the message gives: only w is perturbed, the norm is w's alone.
+  fixed = optax.chain(asam_jax.sam(rho=0.2, perturb_mask=mask), optax.masked(optax.sgd(1.0), mask))
+  updates, _ = one_update(fixed, f32(W0), X, Y)
+  g = ls_grad64(W0, X, Y)
+  e = reference.perturbation([g["b"], g["w"]], [W0["b"], W0["w"]], rho=0.2, perturb=[False, True])
+  want = ls_grad64({"b": W0["b"], "w": W0["w"] + e[1]}, X, Y)
+  assert_close(updates["w"], -want["w"])
+  assert_close(updates["b"], want["b"])  # masked out of sgd: the SAM gradient passes through
+
+
+def test_a_loss_that_ignores_the_params_gives_a_zero_update():
+  params = f32(W0)
+  tx = asam_jax.sam(rho=0.1)
+  grads = jax.tree.map(jnp.ones_like, params)
+  updates, state = tx.update(grads, tx.init(params), params, loss_fn=lambda p: 3.0)
+  chex.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like, params))
+  assert float(state.perturbed_loss) == 3.0
+
+
+def test_axis_name_outside_pmap_and_shard_map_says_where_to_call_update():
+  with pytest.raises(ValueError, match=r"not running under an axis of that name.*jax\.pmap"):
+    one_update(asam_jax.sam(axis_name="devices"), f32(W0), X, Y)
+
+
+# --- multi-step ascent -------------------------------------------------------------------
+
+
+def multi_step64(w, x, y, *, steps, rho, eta=0.0, adaptive=False, project=False):
+  """k normalized ascent steps from w (each scaled by T at w), optionally projected."""
+  ws, flags = [w["b"], w["w"]], [adaptive] * 2
+  e = [np.zeros_like(a) for a in ws]
+  for _ in range(steps):
+    g = ls_grad64({"b": ws[0] + e[0], "w": ws[1] + e[1]}, x, y)
+    d = reference.perturbation([g["b"], g["w"]], ws, rho=rho, eta=eta, adaptive=flags)
+    e = [a + b for a, b in zip(e, d)]
+    if project:
+      radius = reference.ball_norm(e, ws, eta=eta, adaptive=flags)
+      e = [a * min(1.0, rho / radius) for a in e]
+  wp = {"b": ws[0] + e[0], "w": ws[1] + e[1]}
+  radius = reference.ball_norm(e, ws, eta=eta, adaptive=flags)
+  return ls_grad64(wp, x, y), ls_loss64(wp, x, y), radius
+
+
+@pytest.mark.parametrize("steps", [2, 3])
+def test_ascent_steps_equal_optax_multi_step_sam(steps):
+  base = optax.sgd(0.1, momentum=0.9)
+  ours = optax.chain(asam_jax.sam(rho=0.2, ascent_steps=steps), base)
+  theirs = optax.contrib.sam(
+    base,
+    optax.chain(optax.contrib.normalize(), optax.sgd(0.2)),
+    sync_period=steps + 1,
+    opaque_mode=True,
+  )
+  loss_fn = lambda p: ls_loss(p, X, Y)
+
+  @jax.jit
+  def both(params):
+    (p1, s1), (p2, s2) = (params, ours.init(params)), (params, theirs.init(params))
+    for _ in range(3):
+      u1, s1 = ours.update(jax.grad(loss_fn)(p1), s1, p1, loss_fn=loss_fn)
+      p1 = optax.apply_updates(p1, u1)
+      u2, s2 = theirs.update(
+        jax.grad(loss_fn)(p2), s2, p2, grad_fn=lambda p, _: jax.grad(loss_fn)(p)
+      )
+      p2 = optax.apply_updates(p2, u2)
+    return p1, p2
+
+  ours_params, theirs_params = both(f32(W0))
+  chex.assert_trees_all_close(ours_params, theirs_params, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("project", [False, True])
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_multi_step_ascent_matches_the_reference_and_reports_its_last_point(adaptive, project):
+  make = asam_jax.asam if adaptive else asam_jax.sam
+  kwargs = dict(rho=0.4, eta=0.01) if adaptive else dict(rho=0.4)
+  tx = make(**kwargs, ascent_steps=3, ascent_projection=project)
+  grads, state = one_update(tx, f32(W0), X, Y)
+  want, perturbed_loss, radius = multi_step64(
+    W0, X, Y, steps=3, rho=0.4, eta=0.01 if adaptive else 0.0, adaptive=adaptive, project=project
+  )
+  assert_close(grads, want)
+  np.testing.assert_allclose(state.perturbed_loss, perturbed_loss, rtol=1e-5)
+  np.testing.assert_allclose(state.perturbation_norm, radius, rtol=1e-5)
+  # Unprojected, three steps of length rho leave the ball; projected, they stay on it.
+  assert radius > 0.41 if not project else abs(radius - 0.4) < 1e-9
+
+
+@pytest.mark.parametrize("sync", [False, True])
+def test_pmap_multi_step_ascent_climbs_with_each_devices_gradient_unless_synchronized(sync):
+  n = jax.local_device_count()
+  xs, ys = X.reshape(n, -1, 5), Y.reshape(n, -1, 3)
+  tx = asam_jax.asam(rho=0.4, eta=0.01, axis_name="devices", sync_perturbation=sync, ascent_steps=2)
+
+  @functools.partial(jax.pmap, axis_name="devices", in_axes=(None, 0, 0))
+  def step(params, x, y):
+    loss_fn = lambda p: ls_loss(p, x, y)
+    return tx.update(jax.grad(loss_fn)(params), tx.init(params), params, loss_fn=loss_fn)
+
+  grads, _ = step(f32(W0), xs, ys)
+  kwargs = dict(steps=2, rho=0.4, eta=0.01, adaptive=True)
+  if sync:  # one device with the whole batch: the mean loss over equal shards
+    want = multi_step64(W0, X, Y, **kwargs)[0]
+  else:
+    want = jax.tree.map(
+      lambda *g: np.mean(g, 0), *[multi_step64(W0, x, y, **kwargs)[0] for x, y in zip(xs, ys)]
+    )
+  assert_close(jax.tree.map(lambda a: a[0], grads), want)
+  chex.assert_trees_all_equal(*[jax.tree.map(lambda a, i=i: a[i], grads) for i in range(n)])
+
+
+def test_multi_step_arguments_are_checked():
+  with pytest.raises(ValueError, match="ascent_steps must be an int >= 1"):
+    asam_jax.sam(ascent_steps=0)
+  with pytest.raises(ValueError, match="ascent_projection supports p=2 and p=float"):
+    asam_jax.asam(p=3, ascent_steps=2, ascent_projection=True)
