@@ -140,10 +140,17 @@ def test_linen_apply_gradients_needs_the_loss_closure():
 
 def test_linen_apply_gradients_lets_a_plain_optimizer_ignore_the_closure():
   state = linen_state(optax.sgd(0.1))
-  stepped = state.apply_gradients(grads=state.params, loss_fn=None)
   want = jax.tree.map(lambda w: w - 0.1 * w, state.params)
-  assert_trees_close(stepped.params, want, rtol=1e-6)
-  assert stepped.tx is state.tx and int(stepped.step) == 1
+  # A drop-in for Flax's TrainState: apply_gradients(grads=...) alone works too.
+  for stepped in (
+    state.apply_gradients(grads=state.params, loss_fn=lambda p: 0.0),
+    state.apply_gradients(grads=state.params),
+  ):
+    assert_trees_close(stepped.params, want, rtol=1e-6)
+    assert stepped.tx is state.tx and int(stepped.step) == 1
+  # As for a transformation that needs no closure, such as Momentum-SAM.
+  msam = linen_state(asam_jax.momentum_sam(0.1, rho=0.0))
+  assert_trees_close(msam.apply_gradients(grads=msam.params).params, want, rtol=1e-6)
 
 
 # --- NNX: nnx.Optimizer with asam_jax.flax.nnx_value_and_grad -------------------
@@ -170,6 +177,17 @@ def nnx_step(model, optimizer, x, y):
   (value, _), grads, loss_fn = asam_jax.flax.nnx_value_and_grad(nnx_loss, model, x, y, has_aux=True)
   optimizer.update(model, grads, loss_fn=loss_fn)
   return value
+
+
+def test_nnx_wrt_other_than_the_optimizers_says_to_pass_the_same():
+  model = NnxNet(nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, optax.chain(asam_jax.sam(), optax.sgd(0.1)), wrt=nnx.Param)
+  x, y = jnp.ones((4, 3)), jnp.ones((4, 1))
+  dense1 = nnx.All(nnx.Param, nnx.PathContains("dense1"))
+  *_, loss_fn = asam_jax.flax.nnx_value_and_grad(nnx_loss, model, x, y, has_aux=True, wrt=dense1)
+  all_grads = jax.tree.map(jnp.zeros_like, nnx.state(model, nnx.Param))
+  with pytest.raises(ValueError, match=r"pass nnx_value_and_grad the optimizer's wrt"):
+    optimizer.update(model, all_grads, loss_fn=loss_fn)
 
 
 @pytest.mark.parametrize("method", METHODS)

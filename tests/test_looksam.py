@@ -113,3 +113,25 @@ def test_static_full_step_equals_the_cond_and_compiles_no_conditional():
     assert "dot" not in hlo.ops_inside_conditionals(compiled)
   with pytest.raises(TypeError, match="full_step must be a Python bool"):
     tx.update(params, state, params, loss_fn=lambda p: ls_loss(p, X, Y), full_step=jnp.array(1))
+
+
+def test_bf16_params_with_float32_gradients_keep_one_state_type():
+  """Both branches return the incoming gradient's dtype, and g_v stays in the params' dtype."""
+  params = {"w": jnp.linspace(-1, 1, 6, dtype=jnp.bfloat16)}
+  tx = asam_jax.looksam(rho=0.1, k=2)
+  loss_fn = lambda p: jnp.sum(jnp.sin(p["w"].astype(jnp.float32)))
+
+  @jax.jit
+  def run(params):
+    def body(carry, _):
+      params, state = carry
+      grads = jax.tree.map(lambda g: g.astype(jnp.float32), jax.grad(loss_fn)(params))
+      updates, state = tx.update(grads, state, params, loss_fn=loss_fn)
+      assert updates["w"].dtype == jnp.float32
+      return (optax.apply_updates(params, updates), state), None
+
+    return jax.lax.scan(body, (params, tx.init(params)), None, length=4)[0]
+
+  params, state = run(params)
+  assert params["w"].dtype == jnp.bfloat16 and state.orthogonal["w"].dtype == jnp.bfloat16
+  assert np.all(np.isfinite(np.asarray(params["w"], np.float32)))
