@@ -40,20 +40,24 @@ P0 = {
 }
 
 
-def mlp_loss(params):
-  h = jnp.tanh(X @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"])
+def mlp_loss_on(params, x, y):
+  h = jnp.tanh(x @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"])
   out = h @ params["Dense_1"]["kernel"] + params["Dense_1"]["bias"]
-  return 0.5 * jnp.mean(jnp.sum((out - Y) ** 2, axis=-1))
+  return 0.5 * jnp.mean(jnp.sum((out - y) ** 2, axis=-1))
 
 
-def mlp_grad64(w):
+def mlp_loss(params):
+  return mlp_loss_on(params, X, Y)
+
+
+def mlp_grad64(w, x=X, y=Y):
   """The float64 gradient of mlp_loss, by name, as PyTorch's backward would fill p.grad."""
-  h = np.tanh(X @ w["Dense_0.weight"] + w["Dense_0.bias"])
-  r = (h @ w["Dense_1.weight"] + w["Dense_1.bias"] - Y) / len(X)
+  h = np.tanh(x @ w["Dense_0.weight"] + w["Dense_0.bias"])
+  r = (h @ w["Dense_1.weight"] + w["Dense_1.bias"] - y) / len(x)
   dz = (r @ w["Dense_1.weight"].T) * (1 - h**2)
   return {
     "Dense_0.bias": dz.sum(0),
-    "Dense_0.weight": X.T @ dz,
+    "Dense_0.weight": x.T @ dz,
     "Dense_1.bias": r.sum(0),
     "Dense_1.weight": h.T @ r,
   }
@@ -278,6 +282,45 @@ def test_gsam_matches_big_vision_minimize_fp():
   assert max(np.max(np.abs(ours[n] - unshifted[n])) for n in w) > 1e-4
 
 
+def test_gsam_minimize_fp_false_matches_big_vision():
+  """minimize_fp=False: g plus alpha times g_p's part orthogonal to g, as big_vision computes it."""
+  rho_kw = {k: v for k, v in GSAM_KW.items() if k != "alpha"}
+  rho = asam_jax.gsam_rho_schedule(lambda count: LR(count + 1), **rho_kw)
+  tx = optax.chain(asam_jax.gsam(rho, GSAM_KW["alpha"], minimize_fp=False), optax.sgd(LR))
+  params, _ = trajectory(tx, f32(P0), 6)
+  w = to_named(P0)
+  for t in range(6):
+    w = big_vision_gsam.sgd_trainer_step(
+      w, [mlp_grad64], count=t, learning_rate=big_vision_lr, minimize_fp=False, **GSAM_KW
+    )
+    assert_named_close(at(params, t), w)
+
+
+def test_gsam_per_device_decomposition_matches_big_vision_trainer_under_pmap():
+  """gsam(axis_name=...) decomposes each device's own g and g_p and averages, as their trainer."""
+  n = jax.local_device_count()
+  xs, ys = X.reshape(n, -1, X.shape[1]), Y.reshape(n, -1, Y.shape[1])
+  rho_kw = {k: v for k, v in GSAM_KW.items() if k != "alpha"}
+  rho = asam_jax.gsam_rho_schedule(lambda count: LR(count + 1), **rho_kw)
+  tx = optax.chain(asam_jax.gsam(rho, GSAM_KW["alpha"], axis_name="i"), optax.sgd(LR))
+
+  @functools.partial(jax.pmap, axis_name="i", in_axes=(None, None, 0, 0))
+  def step(params, state, x, y):
+    loss_fn = lambda p: mlp_loss_on(p, x, y)
+    updates, state = tx.update(jax.grad(loss_fn)(params), state, params, loss_fn=loss_fn)
+    return optax.apply_updates(params, updates), state
+
+  params, state = f32(P0), tx.init(f32(P0))
+  w = to_named(P0)
+  grad_fns = [functools.partial(mlp_grad64, x=a, y=b) for a, b in zip(xs, ys)]
+  for t in range(3):
+    params, state = jax.tree.map(lambda a: a[0], step(params, state, xs, ys))
+    w = big_vision_gsam.sgd_trainer_step(
+      w, grad_fns, count=t, learning_rate=big_vision_lr, **GSAM_KW
+    )
+    assert_named_close(params, w)
+
+
 def test_big_vision_port_by_hand():
   """The port's both branches, adaptive perturbation and pmean, on a quadratic, by hand."""
   a = np.array([1.0, 3.0])
@@ -338,6 +381,26 @@ def test_momentum_sam_matches_the_authors_msam():
   back_up = msam.msam_move_up(unperturbed, state, rho=rho)
   for n in w:
     np.testing.assert_allclose(back_up[n], w[n], rtol=1e-12, atol=1e-14)
+
+
+def test_momentum_sam_adamw_matches_the_authors_adamw_msam():
+  """momentum_sam_adamw is their AdamW_MSAM.step, 6 steps with a scheduled lr and decay."""
+  lr, rho, wd = optax.linear_schedule(0.02, 0.005, 6), 0.5, 0.05
+  tx = optax.chain(asam_jax.momentum_sam_adamw(lr, rho=rho, weight_decay=wd))
+  params, states = trajectory(tx, f32(P0), 6)
+  w = to_named(P0)
+  state = msam.adamw_msam_init(w)
+  for t in range(6):
+    w, state = msam.adamw_msam_step(
+      w, mlp_grad64(w), state, lr=float(lr(t)), weight_decay=wd, rho=rho
+    )
+    held, (opt_state,) = at(params, t), at(states, t)
+    assert_named_close(held, w)
+    assert_named_close(opt_state.momentum, state["exp_avg"])
+    assert_named_close(opt_state.nu, state["exp_avg_sq"], rtol=1e-4, atol=1e-9)
+    assert_named_close(
+      asam_jax.momentum_sam_weights(held, opt_state), msam.adamw_msam_move_back(w, state)
+    )
 
 
 def test_adamw_msam_port_by_hand():
