@@ -73,8 +73,8 @@ def gsam_rho_schedule(
 
 def _surrogate_gap_direction(g, g_p, alpha, minimize_fp, layout):
   """``g_p - alpha g_perp`` (``g_perp`` of ``g`` against ``g_p``), or big_vision's other form."""
-  g_leaves, treedef = jax.tree.flatten(g)
-  p_leaves = treedef.flatten_up_to(g_p)
+  g_leaves = jax.tree.leaves(g)
+  p_leaves = jax.tree.leaves(g_p)
   own = (1, 1) if minimize_fp else (0, 0)
   (cross, norm), (s_g, s_p) = inner_products(
     [g_leaves, p_leaves], [(0, 1), own], layout, range(len(g_leaves))

@@ -19,7 +19,7 @@ was asked, are refused with an error that says what to change.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import chex
@@ -51,7 +51,13 @@ class Layout(NamedTuple):
   sync: bool = False
   shard_axes: tuple[tuple[Any, ...], ...] | None = None
 
-  def _reduce(self, partials, leaves, op, collective):
+  def _reduce(
+    self,
+    partials: Sequence[chex.Array],
+    leaves: Sequence[int],
+    op: Callable[[Any, Any], Any],
+    collective: Callable[[Any, Any], Any],
+  ) -> chex.Array:
     # One collective per distinct set of shard axes, not one per leaf.
     groups: dict[tuple[Any, ...], list[chex.Array]] = {}
     for i, x in zip(leaves, partials):

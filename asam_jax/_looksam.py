@@ -35,9 +35,9 @@ class LookSAMState(NamedTuple):
 
 def _orthogonal_part(g, g_s, layout):
   """``g_v = g_s - (<g, g_s> / ||g||^2) g``."""
-  g_leaves, treedef = jax.tree.flatten(g)
+  g_leaves = jax.tree.leaves(g)
   (cross, norm), (s_g, s_s) = inner_products(
-    [g_leaves, treedef.flatten_up_to(g_s)], [(0, 1), (0, 0)], layout, range(len(g_leaves))
+    [g_leaves, jax.tree.leaves(g_s)], [(0, 1), (0, 0)], layout, range(len(g_leaves))
   )
   c = jnp.where(norm > 0, cross / norm, 0) * (s_g / s_s)
   return jax.tree.map(lambda s, x: (s - c * x).astype(s.dtype), g_s, g)
@@ -45,9 +45,9 @@ def _orthogonal_part(g, g_s, layout):
 
 def _reuse(g, g_v, alpha, layout):
   """``g + alpha (||g|| / ||g_v||) g_v``."""
-  g_leaves, treedef = jax.tree.flatten(g)
+  g_leaves = jax.tree.leaves(g)
   (gg, vv), (s_g, s_v) = inner_products(
-    [g_leaves, treedef.flatten_up_to(g_v)], [(0, 0), (1, 1)], layout, range(len(g_leaves))
+    [g_leaves, jax.tree.leaves(g_v)], [(0, 0), (1, 1)], layout, range(len(g_leaves))
   )
   # Two roots, not the root of a ratio, which can overflow where they do not.
   scale = (

@@ -32,13 +32,13 @@ from asam_jax._norms import accumulation_dtype, guarded, pow2_inverse, safe
 def _flatten(grads: Any, params: Any) -> tuple[list[tuple[Any, chex.Array]], Any, list[Any]]:
   """``params`` with their paths, its treedef and ``grads`` flattened alike, checked leaf by leaf."""
   paths_and_w, treedef = jax.tree_util.tree_flatten_with_path(params)
-  try:
-    g_leaves = treedef.flatten_up_to(grads)
-  except ValueError as error:
+  # jaxlib ships no stub for PyTreeDef, whose != mypy then cannot type.
+  if jax.tree.structure(grads) != jax.tree.structure(params):  # type: ignore[operator]
     raise ValueError(
       "grads and params must have the same tree structure.\n"
-      f"  grads:  {jax.tree.structure(grads)}\n  params: {jax.tree.structure(params)}"
-    ) from error
+      f"  grads:  {jax.tree.structure(grads)}\n  params: {treedef}"
+    )
+  g_leaves = jax.tree.leaves(grads)
   for (path, w), g in zip(paths_and_w, g_leaves):
     if jnp.shape(g) != jnp.shape(w):
       raise ValueError(
@@ -241,7 +241,7 @@ def perturbation_with_norm(
   chosen = [
     (i, g, w, s)
     for i, ((_, w), g, on, s) in enumerate(
-      zip(paths_and_w, g_leaves, treedef.flatten_up_to(perturbed), treedef.flatten_up_to(scaled))
+      zip(paths_and_w, g_leaves, jax.tree.leaves(perturbed), jax.tree.leaves(scaled))
     )
     if on
   ]
@@ -250,7 +250,7 @@ def perturbation_with_norm(
 
   out = [jnp.zeros_like(w) for _, w in paths_and_w]
   if not chosen:
-    return treedef.unflatten(out), jnp.zeros([], jnp.float32)
+    return jax.tree.unflatten(treedef, out), jnp.zeros([], jnp.float32)
 
   dtype = jnp.result_type(*[accumulation_dtype(w) for _, _, w, _ in chosen])
   rho = _validation.guard(rho, dtype)
@@ -298,7 +298,7 @@ def perturbation_with_norm(
 
   for (i, _, w, _), e in zip(chosen, es):
     out[i] = e.astype(jnp.result_type(w))
-  return treedef.unflatten(out), reached
+  return jax.tree.unflatten(treedef, out), reached
 
 
 def ball_scale(

@@ -127,7 +127,7 @@ def random_perturbation_with_norm(
   rho = _validation.guard(rho, squares.dtype)
   # sum(z^2) is near the number of weights: it neither overflows nor underflows.
   scale = jnp.where(squares > 0, rho / jnp.sqrt(jnp.where(squares > 0, squares, 1)), 0)
-  eps = treedef.unflatten([(scale * s * x).astype(s.dtype) for s, x in zip(leaves, z)])
+  eps = jax.tree.unflatten(treedef, [(scale * s * x).astype(s.dtype) for s, x in zip(leaves, z)])
   return eps, rho * (squares > 0)
 
 

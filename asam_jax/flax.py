@@ -170,10 +170,10 @@ def nnx_value_and_grad(
     Foret et al., Sharpness-Aware Minimization for Efficiently Improving
     Generalization, ICLR 2021, Algorithm 1.
   """
-  graphdef, wrt_state, rest = nnx.split(model, wrt, ...)
+  graphdef, wrt_state, *others = nnx.split(model, wrt, ...)
   expected = jax.tree.structure(nnx.to_pure_dict(wrt_state))
   # Plain arrays: a snapshot that the clean pass's in-place updates cannot reach.
-  rest = nnx.as_pure(rest)
+  rest = nnx.as_pure(others[0])
 
   def loss_fn(params):
     if jax.tree.structure(nnx.to_pure_dict(params)) != expected:

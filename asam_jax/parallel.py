@@ -40,7 +40,8 @@ def split_batch(batch: chex.ArrayTree, num_groups: int) -> chex.ArrayTree:
     raise ValueError(f"num_groups must be a positive int, got {num_groups!r}.")
   leaves = jax.tree.leaves(batch)
   sizes = {jnp.shape(leaf)[0] if jnp.ndim(leaf) else None for leaf in leaves}
-  if not leaves or len(sizes) != 1 or None in sizes or next(iter(sizes)) % num_groups:
+  (size,) = sizes if len(sizes) == 1 else (None,)
+  if size is None or size % num_groups:
     raise ValueError(
       f"num_groups={num_groups} must divide a batch axis that every leaf shares; got "
       f"leading sizes {sorted(map(str, sizes))}. Use a batch size that is a multiple "
