@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import optax
 
 from asam_jax import _validation
-from asam_jax._ascent import Ascent, ScalarOrSchedule, check_call, make_ascent
+from asam_jax._ascent import ScalarOrSchedule, make_ascent
 from asam_jax._masks import Mask
 from asam_jax._norms import inner_products
-from asam_jax._sam import SAMState, init, like, next_state
+from asam_jax._sam import transformation
 
 
 def gsam_rho_schedule(
@@ -71,8 +71,9 @@ def gsam_rho_schedule(
   return schedule
 
 
-def _surrogate_gap_direction(g, g_p, alpha, minimize_fp, layout):
+def _surrogate_gap_direction(alpha, minimize_fp, g, g_p, layout):
   """``g_p - alpha g_perp`` (``g_perp`` of ``g`` against ``g_p``), or big_vision's other form."""
+  alpha = _validation.guard(alpha, jnp.float32)
   g_leaves = jax.tree.leaves(g)
   p_leaves = jax.tree.leaves(g_p)
   own = (1, 1) if minimize_fp else (0, 0)
@@ -88,29 +89,6 @@ def _surrogate_gap_direction(g, g_p, alpha, minimize_fp, layout):
     c = jnp.where(norm > 0, cross / norm, 0) * (s_g / s_p)
     a, b = alpha, 1 - alpha * c
   return jax.tree.map(lambda gp, x: (a * gp + b * x).astype(gp.dtype), g_p, g)
-
-
-def _update(
-  ascent: Ascent,
-  alpha: Any,
-  minimize_fp: bool,
-  updates: optax.Updates,
-  state: SAMState,
-  params: optax.Params | None = None,
-  *,
-  loss_fn: Any = None,
-  **extra_args: Any,
-) -> tuple[optax.Updates, SAMState]:
-  del extra_args
-  check_call(ascent.who, loss_fn, params)
-  layout = ascent.layout(params, updates)
-  g = layout.ascent_gradient(updates)
-  loss, g_p, reached = ascent.climb(g, params, state.count, loss_fn, layout)
-  # Per device, then averaged (big_vision's trainer); with sync, from the global g and g_p.
-  direction = _surrogate_gap_direction(
-    g, g_p, _validation.guard(alpha, jnp.float32), minimize_fp, layout
-  )
-  return like(layout.finish(direction), updates), next_state(state, layout, loss, reached)
 
 
 def gsam(
@@ -193,6 +171,5 @@ def gsam(
     sync_perturbation=sync_perturbation,
     has_aux=has_aux,
   )
-  return optax.GradientTransformationExtraArgs(
-    functools.partial(init, ascent), functools.partial(_update, ascent, alpha, minimize_fp)
-  )
+  # Per device, then averaged (big_vision's trainer); with sync, from the global g and g_p.
+  return transformation(ascent, functools.partial(_surrogate_gap_direction, alpha, minimize_fp))

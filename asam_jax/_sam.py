@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import chex
@@ -12,6 +13,7 @@ import optax
 from optax._src import numerics
 
 from asam_jax._ascent import Ascent, ScalarOrSchedule, check_call, make_ascent
+from asam_jax._layout import Layout
 from asam_jax._masks import Mask
 
 
@@ -57,6 +59,7 @@ def like(tree: Any, reference: Any) -> Any:
 
 def update(
   ascent: Ascent,
+  direction: Callable[[Any, Any, Layout], Any] | None,
   updates: optax.Updates,
   state: SAMState,
   params: optax.Params | None = None,
@@ -64,27 +67,42 @@ def update(
   loss_fn: Any = None,
   **extra_args: Any,
 ) -> tuple[optax.Updates, SAMState]:
-  """The SAM/ASAM update: the gradient at the perturbed weights."""
+  """The update of SAM and of the variants that combine its two gradients.
+
+  Args:
+    ascent: the perturbation and the devices.
+    direction: ``(g, g_p, layout) -> update`` from the clean gradient and the
+      one at ``w + eps`` (GSAM's); ``None`` returns ``g_p``: SAM.
+    updates, state, params: as optax's ``update`` takes them.
+    loss_fn: the loss closure.
+    **extra_args: ignored.
+
+  Returns:
+    The update, averaged over the devices, and the new state.
+  """
   del extra_args
   check_call(ascent.who, loss_fn, params)
   layout = ascent.layout(params, updates)
-  loss, grads, reached = ascent.climb(
-    layout.ascent_gradient(updates), params, state.count, loss_fn, layout
-  )
-  return like(layout.finish(grads), updates), next_state(state, layout, loss, reached)
+  g = layout.ascent_gradient(updates)
+  loss, g_p, reached = ascent.climb(g, params, state.count, loss_fn, layout)
+  # With sync, from the global g and g_p; otherwise per device, then averaged.
+  out = g_p if direction is None else direction(g, g_p, layout)
+  return like(layout.finish(out), updates), next_state(state, layout, loss, reached)
 
 
-def transformation(ascent: Ascent) -> optax.GradientTransformationExtraArgs:
-  """The transformation of ``ascent``; :func:`asam_jax.alternating` reads it back."""
+def transformation(
+  ascent: Ascent, direction: Callable[[Any, Any, Layout], Any] | None = None
+) -> optax.GradientTransformationExtraArgs:
+  """The transformation of ``ascent``; :func:`asam_jax.alternating` reads SAM's back."""
   return optax.GradientTransformationExtraArgs(
-    functools.partial(init, ascent), functools.partial(update, ascent)
+    functools.partial(init, ascent), functools.partial(update, ascent, direction)
   )
 
 
 def ascent_of(tx: Any) -> Ascent:
   """The :class:`Ascent` of a transformation built by :func:`sam` or :func:`asam`."""
   step = getattr(tx, "update", None)
-  if isinstance(step, functools.partial) and step.func is update:
+  if isinstance(step, functools.partial) and step.func is update and step.args[1] is None:
     return step.args[0]
   raise TypeError(
     "expected a transformation built by asam_jax.sam or asam_jax.asam (not chained, not "
