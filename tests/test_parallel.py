@@ -112,9 +112,17 @@ def test_naive_shard_map_gradient_is_summed_and_refused():
   )(f32(W0), XS, YS)
   # The sum of the 4 devices' mean gradients: 4 times the full-batch gradient.
   assert_close(summed, jax.tree.map(lambda g: N * g, ls_grad64(W0, X, Y)))
-  for sync in (False, True):
-    tx = asam_jax.sam(rho=RHO, axis_name="data", sync_perturbation=sync)
-    with pytest.raises(ValueError, match=r"invariant over the shard_map axis 'data'.*to_varying"):
+  txs = [asam_jax.sam(rho=RHO, axis_name="data", sync_perturbation=s) for s in (False, True)]
+  txs += [asam_jax.asam(rho=0.5, axis_name="data")]
+  # the variants that read the incoming gradient (random_sam only takes its structure)
+  txs += [variant(m, "data") for m in ("gsam", "looksam", "momentum_sam", "momentum_sam_adamw")]
+  txs += [variant("looksam", "data", sync=True), variant("alternating", "data", sync=True)]
+  for tx in txs:
+    with pytest.raises(
+      ValueError,
+      match=r"invariant over the shard_map axis 'data'.*grads = "
+      r"jax\.grad\(loss_fn\)\(asam_jax\.to_varying\(params, 'data'\)\)",
+    ):
       shard_map_update(tx, naive=True)(f32(W0), XS, YS)
 
 
