@@ -1,9 +1,10 @@
 """mSAM training under shard_map on a global mesh, for the multi-process test.
 
 `train` runs in the pytest process on its 4 local devices. Run as a script,
-`python multihost_worker.py PROCESS_ID PORT OUT.npz` joins a 2-process
+`python multihost_worker.py PROCESS_ID PORT OUT.npz METHOD` joins a 2-process
 cluster on 127.0.0.1 (2 forced CPU devices each, set by the caller's
-XLA_FLAGS), runs the same `train` on the 4 global devices and saves the result.
+XLA_FLAGS), runs the same `train` on the 4 global devices and saves the leaves
+of its result.
 """
 
 import sys
@@ -18,11 +19,19 @@ from test_sam import W0, X, Y, ls_loss
 import asam_jax
 
 RHO, LR, STEPS = 0.2, 0.1, 3
+LOOKSAM = dict(rho=RHO, k=2, alpha=0.7)  # STEPS = 3: a full step, a reuse step, a full step
+METHODS = {
+  "sam": lambda: asam_jax.sam(rho=RHO, axis_name="data"),
+  "looksam": lambda: asam_jax.looksam(**LOOKSAM, axis_name="data"),
+}
 
 
-def train(mesh):
-  """STEPS steps of chain(sam(axis_name="data"), sgd) from W0, batch sharded over mesh."""
-  tx = optax.chain(asam_jax.sam(rho=RHO, axis_name="data"), optax.sgd(LR))
+def train(mesh, method="sam"):
+  """STEPS steps of chain(method(axis_name="data"), sgd) from W0, batch sharded over mesh.
+
+  Returns the params and the method's state, as NumPy arrays.
+  """
+  tx = optax.chain(METHODS[method](), optax.sgd(LR))
 
   def step(params, state, x, y):
     loss_fn = lambda p: ls_loss(p, x, y)
@@ -49,7 +58,7 @@ def train(mesh):
   return jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), (params, state[0]))
 
 
-def main(process_id, port, out):
+def main(process_id, port, out, method):
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(
     coordinator_address=f"127.0.0.1:{port}",
@@ -58,16 +67,9 @@ def main(process_id, port, out):
     initialization_timeout=60,
   )
   assert jax.device_count() == 4 and jax.local_device_count() == 2
-  params, state = train(jax.make_mesh((4,), ("data",)))
-  np.savez(
-    out,
-    b=params["b"],
-    w=params["w"],
-    perturbed_loss=state.perturbed_loss,
-    perturbation_norm=state.perturbation_norm,
-  )
+  np.savez(out, *jax.tree.leaves(train(jax.make_mesh((4,), ("data",)), method)))
   jax.distributed.shutdown()
 
 
 if __name__ == "__main__":
-  main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
+  main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])
