@@ -110,13 +110,15 @@ class Layout(NamedTuple):
 def _fsdp_message(who: str, path: str, axes: tuple[Any, ...]) -> str:
   name = axes[0] if len(axes) == 1 else axes
   return (
-    f"params leaf {path} varies over the shard_map axis {name!r}, so it is sharded over it "
-    f"(FSDP or tensor parallelism), but {who} was built with axis_name naming {name!r}, "
+    f"params leaf {path} varies over the shard_map axis {name!r}, so it reads as sharded over "
+    f"it (FSDP or tensor parallelism), but {who} was built with axis_name naming {name!r}, "
     "which makes it a data-parallel axis: params replicated, each device's own gradient "
-    "averaged. A sharded leaf has no per-device full gradient, so mSAM is impossible "
-    f"over {name!r}. Drop {name!r} from axis_name: the library then sums the norms over the "
-    "shards itself, and the step is global SAM over that axis (take the gradient of the "
-    "pmean'd loss with respect to params as they are)."
+    "averaged. If the params are replicated, pass update the params as they are (only the "
+    f"gradient is taken at asam_jax.to_varying(params, {name!r})). If they are sharded, "
+    "there is no per-device full gradient, so mSAM is impossible over that axis: drop "
+    f"{name!r} from axis_name, and the library sums the norms over the shards itself "
+    "(global SAM over that axis; take the gradient of the pmean'd loss with respect to "
+    "params as they are)."
   )
 
 

@@ -342,8 +342,9 @@ def test_naming_a_sharding_axis_is_refused_saying_to_drop_it(method):
   update = update_fn(ALL[method](axis_name="d"), fsdp_loss)
   with pytest.raises(
     ValueError,
-    match=r"params leaf \['w'\] varies over the shard_map axis 'd'.*mSAM is impossible over "
-    r"'d'\. Drop 'd' from axis_name",
+    match=r"params leaf \['w'\] varies over the shard_map axis 'd'.*If the params are replicated, "
+    r"pass update the params as they are.*mSAM is impossible over that axis: drop 'd' from "
+    r"axis_name",
   ):
     jax.eval_shape(
       jax.shard_map(
