@@ -1,18 +1,20 @@
-"""Smoke test of benchmarks/benchmark.py: --quick on the small MLP. Never asserts timings."""
+"""Smoke tests of benchmarks/: benchmark.py --quick on the small MLP, the cond repro. No timings asserted."""
 
 import importlib.util
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
+import jax
 import pytest
 
-_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "benchmark.py"
+_BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def _load():
-  spec = importlib.util.spec_from_file_location("benchmark", _SCRIPT)
+def _load(name):
+  spec = importlib.util.spec_from_file_location(name, _BENCHMARKS / f"{name}.py")
   module = importlib.util.module_from_spec(spec)
   # dataclasses look their module up in sys.modules.
   sys.modules[spec.name] = module
@@ -20,7 +22,8 @@ def _load():
   return module
 
 
-benchmark = _load()
+benchmark = _load("benchmark")
+repro = _load("xla_cpu_cond_repro")
 
 
 def test_quick_run_writes_json_and_table(tmp_path):
@@ -60,3 +63,23 @@ def test_unknown_workload_is_refused_with_the_choices(capsys):
   with pytest.raises(SystemExit):
     benchmark.main(["--quick", "--workloads", "resnet"])
   assert "choose from ['mlp'" in capsys.readouterr().err
+
+
+def test_cond_repro_runs_and_reads_the_layouts(capsys):
+  repro.main(["--batch", "2", "--size", "8", "--channels", "4", "--repeats", "1"])
+  out = capsys.readouterr().out
+  assert f"jax {jax.__version__}" in out
+  lines = {
+    name: re.search(rf"^{re.escape(name)} +[\d.]+ ms +(.*)$", out, re.MULTILINE).group(1)
+    for name in repro.variants()
+  }
+  # One conv: its forward, and the kernel's gradient (none for the input's).
+  assert lines["grad"].startswith("2/2 canonical")
+  assert lines["loss in lax.cond"].startswith("1/1 canonical")
+
+
+def test_canonical_layouts():
+  assert repro.canonical("b01f_01io->b01f")
+  assert repro.canonical("b0f_0io->b0f")
+  assert not repro.canonical("f01b_i01o->01bf")
+  assert not repro.canonical("b01f_01oi->b01f")
