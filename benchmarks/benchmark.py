@@ -1,19 +1,22 @@
 """Step time, compile time and memory of SAM/ASAM against SGD and optax.contrib.sam.
 
-Run from the repository root::
+Run::
 
-  python benchmarks/benchmark.py                          # every workload, ~3 min on 2 CPU cores
+  python benchmarks/benchmark.py                          # every workload, ~11 min on 2 CPU cores
   python benchmarks/benchmark.py --quick --workloads mlp  # seconds: checks that it runs
   python benchmarks/benchmark.py --workloads wide_mlp --hlo-dir hlo/  # and dump the HLO
 
-Every method is a jitted train step ``(params, opt_state, batch) -> (params,
-opt_state, loss)`` that takes the clean gradient and calls the transformation,
-with params and optimizer state donated. All methods of a workload are timed in
-the same process in interleaved rounds (one measurement of each method per
-round, each from a copy of the initial weights, after a warm-up), and the
-median over rounds is reported, so that a change in machine load hits every
-method alike. Compile time is ``lower()`` plus ``compile()`` of a fresh jit,
-the median of several; memory is the compiled step's ``memory_analysis()``.
+Every method is a cycle of jitted train steps ``(params, opt_state, batch) ->
+(params, opt_state, loss)`` that take the clean gradient and call the
+transformation, with params and optimizer state donated. All methods of a
+workload are timed in the same process in interleaved rounds (one measurement
+of each method per round, each from a copy of the initial weights, after a
+warm-up), and the median over rounds is reported, so that a change in machine
+load hits every method alike. Compile time is ``lower()`` plus ``compile()``
+of a fresh jit, the median of several; memory is the compiled step's
+``memory_analysis()``. Cheap probes per workload (one read of the parameters,
+one gradient, the same gradient inside ``lax.cond``, XLA's scratch for one and
+two gradients) tell what a method cannot skip.
 Writes ``benchmark.json`` and ``benchmark.md`` to ``--out``.
 
 To add a method, add a row to ``METHODS``: a name and a :class:`Method`.
@@ -41,6 +44,9 @@ import optax
 
 import asam_jax
 
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+
 # Small, so that over one round (every round restarts from the initial weights)
 # the loss stays near its initial value; see bench_workload.
 LEARNING_RATE = 1e-4
@@ -54,6 +60,9 @@ ASAM_INF_RHO = 0.02
 LOOKSAM_K = 5
 # Momentum-SAM's radius is along the momentum, the paper's default.
 MSAM_RHO = 0.3
+# XLA:CPU's scheduler that orders instructions to lower peak memory.
+MEMORY_SCHEDULER = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+MEMSCHED = "_memsched"
 
 
 def _base() -> optax.GradientTransformation:
@@ -78,10 +87,23 @@ class Method:
     make: builds the transformation.
     extra_args: the keyword arguments its ``update`` needs, given the loss
       closure ``params -> scalar`` over the current batch.
+    cycle: the static keyword arguments of ``update`` at each step of the
+      cycle a training loop repeats; equal entries share one compiled step.
+      Rounds run whole cycles.
+    compiler_options: XLA options for ``jax.jit``.
+    backend: the only backend whose compiler takes ``compiler_options``, or
+      None for any.
   """
 
   make: Callable[[], optax.GradientTransformation]
   extra_args: Callable[[Callable[[Any], jax.Array]], dict[str, Any]] = _with_loss_fn
+  cycle: tuple[dict[str, Any], ...] = ({},)
+  compiler_options: dict[str, Any] | None = None
+  backend: str | None = None
+
+
+def _looksam() -> optax.GradientTransformation:
+  return optax.chain(asam_jax.looksam(rho=SAM_RHO, k=LOOKSAM_K), _base())
 
 
 METHODS: dict[str, Method] = {
@@ -94,7 +116,12 @@ METHODS: dict[str, Method] = {
   # The variants: GSAM pays two gradients like SAM; LookSAM 1 + 1/k; Momentum-SAM
   # and random SAM one (random SAM's clean pass is only the step's own).
   "gsam": Method(lambda: optax.chain(asam_jax.gsam(rho=SAM_RHO, alpha=0.01), _base())),
-  "looksam_k5": Method(lambda: optax.chain(asam_jax.looksam(rho=SAM_RHO, k=LOOKSAM_K), _base())),
+  # One compiled step whose lax.cond runs the full step every k-th call.
+  "looksam_k5": Method(_looksam, cycle=({},) * LOOKSAM_K),
+  # A full and a reuse step, the branch chosen at trace time: no conditional.
+  "looksam_k5_static": Method(
+    _looksam, cycle=({"full_step": True},) + ({"full_step": False},) * (LOOKSAM_K - 1)
+  ),
   "momentum_sam": Method(
     lambda: asam_jax.momentum_sam(LEARNING_RATE, rho=MSAM_RHO, momentum=MOMENTUM), lambda _: {}
   ),
@@ -110,6 +137,13 @@ METHODS: dict[str, Method] = {
     ),
     _with_grad_fn,
   ),
+}
+# The same steps under the memory-optimized scheduler, to compare scratch memory.
+METHODS |= {
+  name + MEMSCHED: dataclasses.replace(
+    METHODS[name], compiler_options=MEMORY_SCHEDULER, backend="cpu"
+  )
+  for name in ("sgd", "sam", "asam_p2")
 }
 
 
@@ -221,17 +255,30 @@ WORKLOADS: dict[str, Workload] = {
 # --- measuring ---
 
 
-def make_step(method: Method, loss: Callable[[Any, Any], jax.Array]):
-  """The jitted train step of ``method``; params and optimizer state are donated."""
-  tx = method.make()
+def _distinct(cycle: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[int]]:
+  """The distinct entries of ``cycle``, and the index of each step's entry among them."""
+  distinct: list[dict[str, Any]] = []
+  for static in cycle:
+    if static not in distinct:
+      distinct.append(static)
+  return distinct, [distinct.index(static) for static in cycle]
+
+
+def make_step(
+  method: Method,
+  tx: optax.GradientTransformation,
+  loss: Callable[[Any, Any], jax.Array],
+  static: dict[str, Any],
+):
+  """The jitted train step of ``tx`` called with ``static``; params and optimizer state donated."""
 
   def step(params, opt_state, batch):
     loss_fn = lambda p: loss(p, batch)
     value, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params, **method.extra_args(loss_fn))
+    updates, opt_state = tx.update(grads, opt_state, params, **method.extra_args(loss_fn), **static)
     return optax.apply_updates(params, updates), opt_state, value
 
-  return tx, jax.jit(step, donate_argnums=(0, 1))
+  return jax.jit(step, donate_argnums=(0, 1), compiler_options=method.compiler_options)
 
 
 def _memory(compiled) -> dict[str, int] | None:
@@ -269,35 +316,62 @@ def _gradient_temp_bytes(loss, params, batch) -> dict[str, int | None]:
   return out
 
 
-def _cond_probe(loss, params, batch, repeats: int = 5) -> dict[str, float]:
+def _median_ms(fn: Callable, args: tuple, repeats: int = 5) -> float:
+  """Median milliseconds per call of a jitted ``fn``, after one call to compile and warm up."""
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return 1e3 * statistics.median(times)
+
+
+def _read_ms(params) -> float:
+  """Milliseconds for one pass that reads every parameter (their sum): the floor of a read of w."""
+  return _median_ms(jax.jit(lambda p: sum(jnp.sum(x) for x in jax.tree.leaves(p))), (params,))
+
+
+def _cond_probe(loss, params, batch) -> dict[str, float]:
   """Milliseconds for one gradient, plainly and inside a taken ``lax.cond`` branch.
 
   LookSAM's skipped steps need a real conditional; this measures what the
-  backend charges for running the gradient inside one.
+  backend charges for running the gradient inside one (benchmarks/xla_cpu_cond_repro.py).
   """
   grad = jax.jit(jax.grad(loss))
   in_cond = jax.jit(lambda p, b, take: jax.lax.cond(take, jax.grad(loss), lambda p, b: p, p, b))
-  out = {}
-  for label, fn, args in (("grad_ms", grad, ()), ("grad_in_cond_ms", in_cond, (True,))):
-    jax.block_until_ready(fn(params, batch, *args))
-    times = []
-    for _ in range(repeats):
-      t0 = time.perf_counter()
-      jax.block_until_ready(fn(params, batch, *args))
-      times.append(time.perf_counter() - t0)
-    out[label] = 1e3 * statistics.median(times)
-  return out
+  return {
+    "grad_ms": _median_ms(grad, (params, batch)),
+    "grad_in_cond_ms": _median_ms(in_cond, (params, batch, True)),
+  }
 
 
-def _timed_run(compiled, start, batch, steps) -> tuple[float, float]:
-  """Seconds per step over ``steps`` steps from a copy of ``start``, and the last loss."""
+def _timed_run(cycle, start, batch, steps) -> tuple[float, float]:
+  """Seconds per step over ``steps`` steps of ``cycle`` from a copy of ``start``, and the last loss."""
   # A copy, since the step donates its inputs; made before the clock starts.
   params, opt_state = jax.block_until_ready(jax.tree.map(jnp.copy, start))
   t0 = time.perf_counter()
-  for _ in range(steps):
-    params, opt_state, value = compiled(params, opt_state, batch)
+  for i in range(steps):
+    params, opt_state, value = cycle[i % len(cycle)](params, opt_state, batch)
   jax.block_until_ready((params, opt_state, value))
   return (time.perf_counter() - t0) / steps, float(value)
+
+
+def _compile(method: Method, tx, loss, start, batch) -> tuple[list, float, float]:
+  """Lowers and compiles fresh jits of ``method``'s distinct steps.
+
+  Returns:
+    The compiled steps, one per distinct entry of ``method.cycle``, and the
+    seconds to lower them all and to compile them all.
+  """
+  distinct, _ = _distinct(method.cycle)
+  steps = [make_step(method, tx, loss, static) for static in distinct]
+  t0 = time.perf_counter()
+  lowered = [step.lower(*start, batch) for step in steps]
+  t1 = time.perf_counter()
+  compiled = [step.compile() for step in lowered]
+  t2 = time.perf_counter()
+  return compiled, t1 - t0, t2 - t1
 
 
 def bench_workload(
@@ -314,41 +388,46 @@ def bench_workload(
   key_params, key_batch = jax.random.split(jax.random.key(0))
   params = workload.init(key_params)
   batch = workload.batch(key_batch)
+  txs = {name: method.make() for name, method in methods.items()}
+  starts = {name: (params, tx.init(params)) for name, tx in txs.items()}
   results = {name: {"lower_s_rounds": [], "compile_s_rounds": []} for name in methods}
-  compiled, starts = {}, {}
+  compiled = {}
   # A fresh jit per repeat, since jax caches both lowering and compilation.
   for _ in range(compile_repeats):
     for name, method in methods.items():
-      tx, step = make_step(method, workload.loss)
-      starts[name] = (params, tx.init(params))
-      t0 = time.perf_counter()
-      lowered = step.lower(*starts[name], batch)
-      t1 = time.perf_counter()
-      compiled[name] = lowered.compile()
-      t2 = time.perf_counter()
-      results[name]["lower_s_rounds"].append(t1 - t0)
-      results[name]["compile_s_rounds"].append(t2 - t1)
+      compiled[name], lower_s, compile_s = _compile(
+        method, txs[name], workload.loss, starts[name], batch
+      )
+      results[name]["lower_s_rounds"].append(lower_s)
+      results[name]["compile_s_rounds"].append(compile_s)
+  cycles = {}
   for name, r in results.items():
     r["lower_s"] = statistics.median(r["lower_s_rounds"])
     r["compile_s"] = statistics.median(r["compile_s_rounds"])
-    r["memory"] = _memory(compiled[name])
+    memories = [_memory(c) for c in compiled[name]]
+    # The largest, since the steps of a cycle run one at a time.
+    r["memory"] = None if None in memories else max(memories, key=lambda m: m["peak_bytes"])
+    distinct, index = _distinct(methods[name].cycle)
+    cycles[name] = [compiled[name][i] for i in index]
     if hlo_dir is not None:
-      (hlo_dir / f"{workload_name}_{name}.hlo.txt").write_text(compiled[name].as_text())
+      for static, c in zip(distinct, compiled[name]):
+        suffix = "".join(f"_{k}={v}" for k, v in static.items())
+        (hlo_dir / f"{workload_name}_{name}{suffix}.hlo.txt").write_text(c.as_text())
     r["step_ms_rounds"] = []
 
-  # Warm-up: two steps of each, the second timed to size the rounds on the slowest method.
-  warm = {name: _timed_run(compiled[name], starts[name], batch, 2)[0] for name in methods}
-  steps = max(1, round(round_seconds / max(warm.values())))
-  # Whole LookSAM cycles: each round restarts at step 0, so a round of fewer
-  # steps than k would time only its full SAM steps.
-  steps = LOOKSAM_K * math.ceil(steps / LOOKSAM_K)
+  # Rounds of whole cycles, so that a method whose steps differ (LookSAM) is
+  # timed at its average cost: each round restarts at its first step.
+  period = math.lcm(*(len(cycle) for cycle in cycles.values()))
+  # Warm-up: one period of each, timed to size the rounds on the slowest method.
+  warm = {name: _timed_run(cycles[name], starts[name], batch, period)[0] for name in methods}
+  steps = period * max(1, round(round_seconds / max(warm.values()) / period))
 
   # Every round restarts from the initial weights: trained on for long on one
   # batch, the loss reaches 0 and the gradients denormal floats, which are slow
   # on CPUs and would time the arithmetic, not the method.
   for _ in range(rounds):
     for name in methods:
-      seconds, loss = _timed_run(compiled[name], starts[name], batch, steps)
+      seconds, loss = _timed_run(cycles[name], starts[name], batch, steps)
       results[name]["step_ms_rounds"].append(1e3 * seconds)
       results[name]["last_loss"] = loss
   for r in results.values():
@@ -364,6 +443,7 @@ def bench_workload(
     "methods": results,
     "ratios": _ratios(results, _tree_bytes(params)),
     **_gradient_temp_bytes(workload.loss, params, batch),
+    "read_ms": _read_ms(params),
     "cond_probe": _cond_probe(workload.loss, params, batch),
   }
 
@@ -383,7 +463,7 @@ def _ratios(results: dict[str, dict[str, Any]], param_bytes: int) -> dict[str, f
   ratio("step asam_pinf/sam", "asam_pinf", "sam", step)
   ratio("step sam/optax_sam", "sam", "optax_sam", step)
   ratio("step gsam/sam", "gsam", "sam", step)
-  for name in ("looksam_k5", "momentum_sam", "random_sam"):
+  for name in ("looksam_k5", "looksam_k5_static", "momentum_sam", "random_sam"):
     ratio(f"step {name}/sgd", name, "sgd", step)
   for name in results:
     if name != "sgd":
@@ -454,8 +534,8 @@ def markdown(report: dict[str, Any]) -> str:
     )
   lines += [
     "",
-    "| workload | parameters | parameters (MB) | XLA scratch, one gradient (MB) | two gradients in sequence (MB) | one gradient (ms) | the same inside lax.cond (ms) |",
-    "|---|---:|---:|---:|---:|---:|---:|",
+    "| workload | parameters | parameters (MB) | XLA scratch, one gradient (MB) | two gradients in sequence (MB) | one read of the parameters (ms) | one gradient (ms) | the same inside lax.cond (ms) |",
+    "|---|---:|---:|---:|---:|---:|---:|---:|",
   ]
   for wname, w in report["workloads"].items():
     one, two = w["one_gradient_temp_bytes"], w["two_gradients_temp_bytes"]
@@ -463,7 +543,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines.append(
       f"| {wname} | {w['n_params']:,} | {w['param_bytes'] / 1e6:.2f} | "
       + (f"{one / 1e6:.1f} | {two / 1e6:.1f} |" if one is not None else "n/a | n/a |")
-      + f" {probe['grad_ms']:.2f} | {probe['grad_in_cond_ms']:.2f} |"
+      + f" {w['read_ms']:.3f} | {probe['grad_ms']:.2f} | {probe['grad_in_cond_ms']:.2f} |"
     )
   m = report["machine"]
   lines += [
@@ -487,7 +567,7 @@ def _fmt_load(load):
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--quick", action="store_true", help="few, short rounds: checks that it runs")
-  parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+  parser.add_argument("--out", type=Path, default=RESULTS)
   parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated")
   parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated")
   parser.add_argument("--hlo-dir", type=Path, help="also write each compiled step's HLO here")
@@ -505,9 +585,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return {n: table[n] for n in chosen}
 
   workloads = pick(args.workloads, WORKLOADS, "workloads")
+  methods = pick(args.methods, METHODS, "methods")
+  backend = jax.default_backend()
+  skipped = [n for n, m in methods.items() if m.backend not in (None, backend)]
+  if skipped:
+    print(f"skipping {skipped}: their compiler options are not for the {backend} backend")
+  methods = {n: m for n, m in methods.items() if n not in skipped}
   if args.hlo_dir is not None:
     args.hlo_dir.mkdir(parents=True, exist_ok=True)
-  methods = pick(args.methods, METHODS, "methods")
   rounds = args.rounds or (3 if args.quick else 9)
   compile_repeats = args.compile_repeats or (1 if args.quick else 3)
   round_seconds = 0.02 if args.quick else 0.4
