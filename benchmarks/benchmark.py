@@ -3,8 +3,9 @@
 Run::
 
   python benchmarks/benchmark.py                          # every workload, ~11 min on 2 CPU cores
-  python benchmarks/benchmark.py --quick --workloads mlp  # seconds: checks that it runs
+  python benchmarks/benchmark.py --quick --workloads mlp --out /tmp/bench  # seconds: checks that it runs
   python benchmarks/benchmark.py --workloads wide_mlp --hlo-dir hlo/  # and dump the HLO
+  python benchmarks/benchmark.py --report                 # only rewrite benchmarks/README.md's tables
 
 Every method is a cycle of jitted train steps ``(params, opt_state, batch) ->
 (params, opt_state, loss)`` that take the clean gradient and call the
@@ -16,10 +17,14 @@ load hits every method alike. Compile time is ``lower()`` plus ``compile()``
 of a fresh jit, the median of several; memory is the compiled step's
 ``memory_analysis()``. Cheap probes per workload (one read of the parameters,
 one gradient, the same gradient inside ``lax.cond``, XLA's scratch for one and
-two gradients) tell what a method cannot skip.
-Writes ``benchmark.json`` and ``benchmark.md`` to ``--out``.
+two gradients) give the floors the ``TARGETS`` are set against.
 
-To add a method, add a row to ``METHODS``: a name and a :class:`Method`.
+Writes ``benchmark.json`` to ``--out`` and renders the tables of
+``benchmarks/README.md`` from it, between its ``<!-- generated NAME ... -->``
+and ``<!-- end generated NAME -->`` markers.
+
+To add a method, add a row to ``METHODS``: a name and a :class:`Method`; to
+add a target, a :class:`Target` to ``TARGETS``.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -46,6 +52,7 @@ import asam_jax
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
+README = HERE / "README.md"
 
 # Small, so that over one round (every round restarts from the initial weights)
 # the loss stays near its initial value; see bench_workload.
@@ -506,11 +513,177 @@ def _machine() -> dict[str, Any]:
   }
 
 
-def markdown(report: dict[str, Any]) -> str:
-  """The results as markdown tables: one row per workload and method, then ratios."""
+# --- targets: each result against its floor, the work no implementation can skip ---
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """One line per workload of the targets table: met when ``result <= bound``.
+
+  Each function takes one workload's results (``report["workloads"][name]``).
+
+  Attributes:
+    label: the target, as the table shows it.
+    workloads: the workloads it is checked on.
+    result: the measured value.
+    bound: the largest value that meets the target.
+    floor: the value of the work the method cannot skip, from the probes.
+    unit: written after the result; bound and floor are in the same unit.
+    paired: the methods whose per-round step times give the spread of a
+      time ratio (rounds are interleaved, so round i of both ran side by side).
+  """
+
+  label: str
+  workloads: tuple[str, ...]
+  result: Callable[[dict[str, Any]], float]
+  bound: Callable[[dict[str, Any]], float]
+  floor: Callable[[dict[str, Any]], float]
+  unit: str
+  paired: tuple[str, str] | None = None
+
+
+ALL = tuple(WORKLOADS)
+
+
+def _step_ms(method: str, *, reads: float = 0, grads: float = 0) -> Callable[[dict], float]:
+  """``method``'s step time plus ``reads`` parameter reads and ``grads`` gradients (probes)."""
+
+  def ms(w):
+    total = w["methods"][method]["step_ms"]
+    if reads:
+      total += reads * w["read_ms"]
+    if grads:
+      total += grads * w["cond_probe"]["grad_ms"]
+    return total
+
+  return ms
+
+
+def _temp_mb(method: str) -> Callable[[dict], float]:
+  return lambda w: w["methods"][method]["memory"]["temp_bytes"] / 1e6
+
+
+def _time_target(
+  label: str,
+  workloads: tuple[str, ...],
+  method: str,
+  reference: str,
+  floor: Callable[[dict], float],
+  *,
+  bound: float | None = None,
+  slack: float | None = None,
+) -> Target:
+  """``method``'s step time over ``reference``'s, with its floor (ms) over the same.
+
+  Met at most ``bound``, or, where the target is the floor itself, at most
+  ``slack`` times the floor.
+  """
+  over = lambda ms: lambda w: ms(w) / w["methods"][reference]["step_ms"]
+  return Target(
+    label,
+    workloads,
+    result=over(_step_ms(method)),
+    bound=(lambda w: bound) if slack is None else (lambda w: slack * over(floor)(w)),
+    floor=over(floor),
+    unit=f" × {reference}",
+    paired=(method, reference),
+  )
+
+
+_ASAM = {"asam_p2": "ASAM p = 2", "asam_pinf": "ASAM p = ∞"}
+
+TARGETS: tuple[Target, ...] = (
+  _time_target("SAM ≤ 2.0 × SGD", ("conv32",), "sam", "sgd", _step_ms("sgd", grads=1), bound=2.0),
+  *(
+    _time_target(
+      f"{label} ≤ {bound} × SAM", workloads, method, "sam", _step_ms("sam", reads=1), bound=bound
+    )
+    for method, label in _ASAM.items()
+    for bound, workloads in ((1.06, ("wide_mlp",)), (1.02, ("cnn1d", "conv32")))
+  ),
+  # Parity: optax's step does the same work, so the floor is any SAM's.
+  _time_target("ours ≤ 1.0 × optax", ALL, "sam", "optax_sam", _step_ms("sgd", grads=1), bound=1.0),
+  # GSAM's projection reads g and g_s once more than SAM does.
+  _time_target(
+    "GSAM ≤ 1.05 × (SAM + 2 reads)", ALL, "gsam", "sam", _step_ms("sam", reads=2), slack=1.05
+  ),
+  # Momentum-SAM perturbs along the momentum, which it reads once more.
+  _time_target(
+    "Momentum-SAM ≤ 1.05 × (SGD + 1 read)",
+    ALL,
+    "momentum_sam",
+    "sgd",
+    _step_ms("sgd", reads=1),
+    slack=1.05,
+  ),
+  _time_target(
+    f"LookSAM k = {LOOKSAM_K}, static branches, ≤ 1.25 × SGD",
+    ("cnn1d", "conv32"),
+    "looksam_k5_static",
+    "sgd",
+    _step_ms("sgd", grads=1 / LOOKSAM_K),
+    bound=1.25,
+  ),
+  # Two gradients in sequence already take more scratch than one (XLA does not
+  # reuse every activation buffer); SAM may add one parameter-sized buffer.
+  Target(
+    "SAM scratch ≤ two gradients' + 1 parameter copy",
+    ALL,
+    result=_temp_mb("sam"),
+    bound=lambda w: (w["two_gradients_temp_bytes"] + w["param_bytes"]) / 1e6,
+    floor=lambda w: w["two_gradients_temp_bytes"] / 1e6,
+    unit=" MB",
+  ),
+  *(
+    Target(
+      f"{label} scratch ≤ 1.05 × SAM's",
+      ("wide_mlp",),
+      result=_temp_mb(method),
+      bound=lambda w: 1.05 * _temp_mb("sam")(w),
+      floor=_temp_mb("sam"),
+      unit=" MB",
+    )
+    for method, label in _ASAM.items()
+  ),
+)
+
+
+def _spread(w: dict[str, Any], paired: tuple[str, str]) -> str:
+  """The interquartile range of the per-round ratios of two methods' step times."""
+  num, den = (w["methods"][m]["step_ms_rounds"] for m in paired)
+  ratios = [a / b for a, b in zip(num, den)]
+  if len(ratios) < 2:
+    return ""
+  q1, _, q3 = statistics.quantiles(ratios, n=4)
+  return f" ({q1:.2f}–{q3:.2f})"
+
+
+def _target_rows(report: dict[str, Any]) -> list[str]:
+  rows = []
+  for target in TARGETS:
+    for wname in (n for n in target.workloads if n in report["workloads"]):
+      w = report["workloads"][wname]
+      try:
+        result, bound, floor = (f(w) for f in (target.result, target.bound, target.floor))
+      except (KeyError, TypeError):  # not in this run, or no memory_analysis()
+        rows.append(f"| {target.label} | {wname} | not measured | | | |")
+        continue
+      spread = _spread(w, target.paired) if target.paired else ""
+      verdict = "met" if result <= bound else "**missed**"
+      rows.append(
+        f"| {target.label} | {wname} | {result:.2f}{target.unit}{spread} | {bound:.2f} | "
+        f"{floor:.2f} | {verdict} |"
+      )
+  return rows
+
+
+# --- the README's generated sections ---
+
+
+def _results_table(report: dict[str, Any]) -> list[str]:
   lines = [
-    "| workload | method | step (ms) | compile (s) | peak memory (MB) | extra memory (param copies) |",
-    "|---|---|---:|---:|---:|---:|",
+    "| workload | method | step (ms) | compile (s) | peak memory (MB) | XLA scratch (MB) | extra memory (param copies) |",
+    "|---|---|---:|---:|---:|---:|---:|",
   ]
   for wname, w in report["workloads"].items():
     for name, r in w["methods"].items():
@@ -518,42 +691,92 @@ def markdown(report: dict[str, Any]) -> str:
       extra = w["ratios"].get(f"extra memory {name} (parameter copies)")
       lines.append(
         f"| {wname} | {name} | {r['step_ms']:.2f} | {r['lower_s'] + r['compile_s']:.2f} | "
-        + (f"{mem['peak_bytes'] / 1e6:.1f}" if mem else "n/a")
+        + (f"{mem['peak_bytes'] / 1e6:.1f} | {mem['temp_bytes'] / 1e6:.1f}" if mem else "n/a | n/a")
         + " | "
         + (f"{extra:.2f}" if extra is not None else "")
         + " |"
       )
+  m = report["machine"]
+  return [
+    *lines,
+    "",
+    f"{m['backend']} ({m['device']}, {m['cpu_count']} cores, {m['processor']}), "
+    f"jax {m['jax']}, optax {m['optax']}; load average before "
+    f"{_fmt_load(m['load_average'])}, after {_fmt_load(report['load_average_after'])}; "
+    f"{'quick' if report['quick'] else 'full'} run of {report['date']}, median of "
+    f"{report['rounds']} interleaved rounds.",
+  ]
+
+
+def _ratios_table(report: dict[str, Any]) -> list[str]:
   labels = sorted({k for w in report["workloads"].values() for k in w["ratios"]}, key=_order)
   labels = [k for k in labels if not k.startswith("extra memory")]
-  lines += ["", "| ratio | " + " | ".join(report["workloads"]) + " |"]
+  lines = ["| ratio | " + " | ".join(report["workloads"]) + " |"]
   lines.append("|---|" + "---:|" * len(report["workloads"]))
   for label in labels:
     cells = [w["ratios"].get(label) for w in report["workloads"].values()]
     lines.append(
       f"| {label} | " + " | ".join("" if c is None else f"{c:.2f}" for c in cells) + " |"
     )
-  lines += [
-    "",
+  return lines
+
+
+def _probes_table(report: dict[str, Any]) -> list[str]:
+  lines = [
     "| workload | parameters | parameters (MB) | XLA scratch, one gradient (MB) | two gradients in sequence (MB) | one read of the parameters (ms) | one gradient (ms) | the same inside lax.cond (ms) |",
     "|---|---:|---:|---:|---:|---:|---:|---:|",
   ]
   for wname, w in report["workloads"].items():
     one, two = w["one_gradient_temp_bytes"], w["two_gradients_temp_bytes"]
     probe = w["cond_probe"]
+    read = f"{w['read_ms']:.3f}" if "read_ms" in w else "n/a"
     lines.append(
       f"| {wname} | {w['n_params']:,} | {w['param_bytes'] / 1e6:.2f} | "
-      + (f"{one / 1e6:.1f} | {two / 1e6:.1f} |" if one is not None else "n/a | n/a |")
-      + f" {w['read_ms']:.3f} | {probe['grad_ms']:.2f} | {probe['grad_in_cond_ms']:.2f} |"
+      + (f"{one / 1e6:.1f} | {two / 1e6:.1f}" if one is not None else "n/a | n/a")
+      + f" | {read} | {probe['grad_ms']:.2f} | {probe['grad_in_cond_ms']:.2f} |"
     )
-  m = report["machine"]
-  lines += [
-    "",
-    f"{m['backend']} ({m['device']}, {m['cpu_count']} cores, {m['processor']}), "
-    f"jax {m['jax']}, optax {m['optax']}; load average before "
-    f"{_fmt_load(m['load_average'])}, after {_fmt_load(report['load_average_after'])}; "
-    f"{'quick' if report['quick'] else 'full'} run, median of {report['rounds']} interleaved rounds.",
+  return lines
+
+
+def _targets_table(report: dict[str, Any]) -> list[str]:
+  return [
+    "| target | workload | result (per-round IQR) | bound | floor | met? |",
+    "|---|---|---:|---:|---:|---|",
+    *_target_rows(report),
   ]
-  return "\n".join(lines) + "\n"
+
+
+def _scheduler_table(report: dict[str, Any]) -> list[str]:
+  lines = [
+    "| workload | method | step, default (ms) | step, memory-optimized (ms) | XLA scratch, default (MB) | XLA scratch, memory-optimized (MB) |",
+    "|---|---|---:|---:|---:|---:|",
+  ]
+  for wname, w in report["workloads"].items():
+    for name, r in w["methods"].items():
+      base = w["methods"].get(name.removesuffix(MEMSCHED))
+      if name.endswith(MEMSCHED) and base is not None:
+        temp = [x["memory"] and f"{x['memory']['temp_bytes'] / 1e6:.1f}" for x in (base, r)]
+        lines.append(
+          f"| {wname} | {name.removesuffix(MEMSCHED)} | {base['step_ms']:.2f} | "
+          f"{r['step_ms']:.2f} | {temp[0] or 'n/a'} | {temp[1] or 'n/a'} |"
+        )
+  if len(lines) == 2:
+    return ["No `*_memsched` rows in this run (they run on the CPU backend only)."]
+  return lines
+
+
+SECTIONS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
+  "results": _results_table,
+  "ratios": _ratios_table,
+  "probes": _probes_table,
+  "targets": _targets_table,
+  "scheduler": _scheduler_table,
+}
+
+
+def sections(report: dict[str, Any]) -> dict[str, str]:
+  """The README's generated sections, by name, rendered from a report (the JSON)."""
+  return {name: "\n".join(render(report)) + "\n" for name, render in SECTIONS.items()}
 
 
 def _order(label: str) -> tuple[int, str]:
@@ -564,18 +787,33 @@ def _fmt_load(load):
   return "n/a" if load is None else "/".join(f"{x:.1f}" for x in load)
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--quick", action="store_true", help="few, short rounds: checks that it runs")
-  parser.add_argument("--out", type=Path, default=RESULTS)
-  parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated")
-  parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated")
-  parser.add_argument("--hlo-dir", type=Path, help="also write each compiled step's HLO here")
-  parser.add_argument("--rounds", type=int, help="timed rounds (default 9, or 3 with --quick)")
-  parser.add_argument(
-    "--compile-repeats", type=int, help="compilations per step (default 3, or 1 with --quick)"
+_MARKED = re.compile(
+  r"(?P<begin><!-- generated (?P<name>\w+) by benchmarks/benchmark\.py from "
+  r"results/benchmark\.json: do not edit -->\n).*?(?P<end><!-- end generated (?P=name) -->)",
+  re.DOTALL,
+)
+
+
+def render_readme(text: str, rendered: dict[str, str]) -> str:
+  """``text`` with the lines between each pair of markers replaced by their section.
+
+  Raises:
+    ValueError: if a section has no markers in ``text``, or markers name no section.
+  """
+  names = [m.group("name") for m in _MARKED.finditer(text)]
+  if sorted(names) != sorted(rendered):
+    raise ValueError(f"the README's generated sections are {names}, expected {list(rendered)}")
+  return _MARKED.sub(
+    lambda m: f"{m.group('begin')}\n{rendered[m.group('name')]}\n{m.group('end')}", text
   )
-  args = parser.parse_args(argv)
+
+
+def write_readme(readme: Path, report: dict[str, Any]) -> None:
+  readme.write_text(render_readme(readme.read_text(), sections(report)))
+
+
+def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, command: str) -> dict[str, Any]:
+  """Benchmarks the chosen workloads and methods; the report that goes to the JSON."""
 
   def pick(names, table, what):
     chosen = [n for n in names.split(",") if n]
@@ -599,9 +837,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
   report: dict[str, Any] = {
     "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-    "command": " ".join(
-      ["python benchmarks/benchmark.py", *(sys.argv[1:] if argv is None else argv)]
-    ),
+    "command": command,
     "quick": args.quick,
     "rounds": rounds,
     "compile_repeats": compile_repeats,
@@ -620,12 +856,48 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       hlo_dir=args.hlo_dir,
     )
   report["load_average_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+  return report
 
-  args.out.mkdir(parents=True, exist_ok=True)
-  (args.out / "benchmark.json").write_text(json.dumps(report, indent=2) + "\n")
-  table = markdown(report)
-  (args.out / "benchmark.md").write_text(table)
-  print(table)
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--quick", action="store_true", help="few, short rounds: checks that it runs")
+  parser.add_argument(
+    "--out", type=Path, default=RESULTS, help="where benchmark.json goes (default %(default)s)"
+  )
+  parser.add_argument(
+    "--readme",
+    type=Path,
+    help="the README whose generated sections to rewrite; default benchmarks/README.md when "
+    "--out is the default, since its tables name results/benchmark.json, else none",
+  )
+  parser.add_argument(
+    "--report",
+    action="store_true",
+    help="run nothing: render the README's sections from --out's benchmark.json",
+  )
+  parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated")
+  parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated")
+  parser.add_argument("--hlo-dir", type=Path, help="also write each compiled step's HLO here")
+  parser.add_argument("--rounds", type=int, help="timed rounds (default 9, or 3 with --quick)")
+  parser.add_argument(
+    "--compile-repeats", type=int, help="compilations per step (default 3, or 1 with --quick)"
+  )
+  args = parser.parse_args(argv)
+  if args.readme is None and args.out.resolve() == RESULTS:
+    args.readme = README
+
+  json_path = args.out / "benchmark.json"
+  if args.report:
+    report = json.loads(json_path.read_text())
+  else:
+    command = ["python benchmarks/benchmark.py", *(sys.argv[1:] if argv is None else argv)]
+    report = _run(args, parser, " ".join(command))
+    args.out.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(report, indent=2) + "\n")
+  if args.readme is not None:
+    write_readme(args.readme, report)
+  print("\n".join(sections(report).values()))
   return report
 
 

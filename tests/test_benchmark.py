@@ -1,9 +1,10 @@
-"""Smoke tests of benchmarks/: benchmark.py --quick on the small MLP, the cond repro. No timings asserted."""
+"""benchmarks/: the quick run, the README rendered from the JSON, the cond repro. No timings asserted."""
 
 import importlib.util
 import json
 import math
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -26,8 +27,22 @@ benchmark = _load("benchmark")
 repro = _load("xla_cpu_cond_repro")
 
 
-def test_quick_run_writes_json_and_table(tmp_path):
-  benchmark.main(["--quick", "--workloads", "mlp", "--rounds", "2", "--out", str(tmp_path)])
+def test_quick_run_writes_json_and_readme(tmp_path):
+  readme = tmp_path / "README.md"
+  shutil.copy(benchmark.README, readme)
+  benchmark.main(
+    [
+      "--quick",
+      "--workloads",
+      "mlp",
+      "--rounds",
+      "2",
+      "--out",
+      str(tmp_path),
+      "--readme",
+      str(readme),
+    ]
+  )
   report = json.loads((tmp_path / "benchmark.json").read_text())
 
   assert report["quick"] is True
@@ -61,9 +76,31 @@ def test_quick_run_writes_json_and_table(tmp_path):
         + memory["temp_bytes"]
       )
   assert {"step sam/sgd", "step asam_p2/sam", "step looksam_k5_static/sgd"} <= set(mlp["ratios"])
-  table = (tmp_path / "benchmark.md").read_text()
+
+  text = readme.read_text()
+  assert text == benchmark.render_readme(text, benchmark.sections(report))
   for name in mlp["methods"]:
-    assert f"| mlp | {name} |" in table
+    assert f"| mlp | {name} |" in text
+  assert "| ours ≤ 1.0 × optax | mlp | " in text
+  if on_cpu:
+    assert "| mlp | sam | " in text.split("<!-- generated scheduler")[1]
+
+
+def test_committed_readme_tables_are_rendered_from_the_committed_json(tmp_path):
+  """--report on a copy of the README reproduces it: numbers and text cannot drift apart."""
+  readme = tmp_path / "README.md"
+  shutil.copy(benchmark.README, readme)
+  benchmark.main(["--report", "--out", str(benchmark.RESULTS), "--readme", str(readme)])
+  assert readme.read_text() == benchmark.README.read_text()
+
+
+def test_readme_without_a_sections_markers_is_refused():
+  report = json.loads((benchmark.RESULTS / "benchmark.json").read_text())
+  text = benchmark.README.read_text()
+  begin = text.index("<!-- generated targets")
+  end = text.index("<!-- end generated targets -->")
+  with pytest.raises(ValueError, match="expected"):
+    benchmark.render_readme(text[:begin] + text[end:], benchmark.sections(report))
 
 
 def test_unknown_workload_is_refused_with_the_choices(capsys):
