@@ -131,22 +131,43 @@ def describe(convs: list[tuple[str, bool]]) -> str:
   return f"{n_canonical}/{len(convs)} canonical, {n_ynn}/{len(convs)} in YNNPACK: {layouts}"
 
 
-def milliseconds(fn: Callable, args: tuple, repeats: int) -> float:
-  """Median milliseconds per call of a compiled ``fn``, after one call to warm up."""
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
+def interleaved_ms(calls: dict[str, tuple[Callable, tuple]], repeats: int) -> dict[str, float]:
+  """Median milliseconds per call of each compiled function, timed in interleaved rounds.
+
+  Each is called once to warm up, then once per round, so that a change in the
+  machine's load hits all of them alike.
+  """
+  for fn, args in calls.values():
     jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return 1e3 * statistics.median(times)
+  times: dict[str, list[float]] = {name: [] for name in calls}
+  for _ in range(repeats):
+    for name, (fn, args) in calls.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      times[name].append(time.perf_counter() - t0)
+  return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
 
-def measure(fn: Callable, args: tuple, repeats: int, options: dict | None = None) -> str:
-  """One line: the time of ``fn`` jitted with ``options``, and its convolutions' layouts."""
-  compiled = jax.jit(fn, compiler_options=options).lower(*args).compile()
-  ms = milliseconds(compiled, args, repeats)
-  return f"{ms:10.1f} ms  {describe(convolutions(compiled.as_text()))}"
+def compare(cases: dict[str, tuple[Callable, tuple, dict | None]], repeats: int) -> None:
+  """Compiles each ``(fn, args, compiler_options)``, times them interleaved, prints a table.
+
+  One line per case: its milliseconds, their ratio to the first case's, and
+  its convolutions' layouts; a case whose options XLA refuses says so.
+  """
+  calls, layouts = {}, {}
+  for name, (fn, args, options) in cases.items():
+    try:
+      compiled = jax.jit(fn, compiler_options=options).lower(*args).compile()
+    except jax.errors.JaxRuntimeError as e:
+      print(f"{'refused':>20}  {name}: {str(e).splitlines()[0]}")
+      continue
+    calls[name] = (compiled, args)
+    layouts[name] = describe(convolutions(compiled.as_text()))
+  ms = interleaved_ms(calls, repeats)
+  first = next(iter(ms))
+  print(f"{'ms':>10} {'x ' + first:>9}  case: convolutions")
+  for name, t in ms.items():
+    print(f"{t:10.1f} {t / ms[first]:9.2f}  {name}: {layouts[name]}", flush=True)
 
 
 def cpu() -> str:
@@ -163,7 +184,9 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--batch", type=int, default=128)
   parser.add_argument("--size", type=int, default=32, help="image height and width")
   parser.add_argument("--channels", default="32,64,128", help="comma-separated, one per conv")
-  parser.add_argument("--repeats", type=int, default=3, help="timed calls, the median is printed")
+  parser.add_argument(
+    "--repeats", type=int, default=3, help="timed rounds of one call each, the median is printed"
+  )
   parser.add_argument(
     "--sweep-flags", action="store_true", help="also time the lax.cond case with each of FLAGS"
   )
@@ -178,20 +201,15 @@ def main(argv: Sequence[str] | None = None) -> None:
   print(
     f"a conv net of {len(channels)} x (conv3x3 + relu + maxpool2), channels 3-"
     f"{'-'.join(map(str, channels))}, on {args.size}x{args.size}x3, batch {args.batch}; "
-    f"median of {args.repeats} calls"
+    f"median of {args.repeats} interleaved rounds"
   )
-  cases = variants()
-  for name, (fn, extra) in cases.items():
-    print(f"{name:18}{measure(fn, (kernels, x, *extra), args.repeats)}", flush=True)
+  cases = {name: (fn, (kernels, x, *extra), None) for name, (fn, extra) in variants().items()}
+  compare(cases, args.repeats)
   if args.sweep_flags:
-    fn, extra = cases["grad in lax.cond"]
-    print("\ngrad in lax.cond, with one XLA:CPU flag each:")
-    for flag, value in FLAGS:
-      try:
-        line = measure(fn, (kernels, x, *extra), args.repeats, {flag: value})
-      except jax.errors.JaxRuntimeError as e:
-        line = f"refused: {str(e).splitlines()[0]}"
-      print(f"  {flag}={value}\n  {'':10}{line}", flush=True)
+    print("\nthe lax.cond case with one XLA:CPU flag each:")
+    fn, cond_args, _ = cases["grad in lax.cond"]
+    flagged = {f"... {flag}={value}": (fn, cond_args, {flag: value}) for flag, value in FLAGS}
+    compare({name: cases[name] for name in ("grad", "grad in lax.cond")} | flagged, args.repeats)
 
 
 if __name__ == "__main__":

@@ -114,7 +114,7 @@ def test_cond_repro_runs_and_reads_the_layouts(capsys):
   out = capsys.readouterr().out
   assert f"jax {jax.__version__}" in out
   lines = {
-    name: re.search(rf"^{re.escape(name)} +[\d.]+ ms +(.*)$", out, re.MULTILINE).group(1)
+    name: re.search(rf"^ +[\d.]+ +[\d.]+  {re.escape(name)}: (.*)$", out, re.MULTILINE).group(1)
     for name in repro.variants()
   }
   # One conv: its forward, and the kernel's gradient (none for the input's).
