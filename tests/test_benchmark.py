@@ -81,7 +81,7 @@ def test_quick_run_writes_json_and_readme(tmp_path):
   assert text == benchmark.render_readme(text, benchmark.sections(report))
   for name in mlp["methods"]:
     assert f"| mlp | {name} |" in text
-  assert "| ours ≤ 1.0 × optax | mlp | " in text
+  assert "| ours ≤ 1.0 × optax_sam | mlp | " in text
   if on_cpu:
     assert "| mlp | sam | " in text.split("<!-- generated scheduler")[1]
 
