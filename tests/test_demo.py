@@ -101,7 +101,7 @@ def test_make_optimizer_refuses_unknown_names():
   with pytest.raises(ValueError, match="method must be one of"):
     demo.make_optimizer("adam")
   with pytest.raises(ValueError, match="convention must be one of"):
-    demo.make_optimizer("asam", convention="weights")
+    demo.make_optimizer("asam", convention="biases")
 
 
 # --- the command line ---------------------------------------------------------
