@@ -551,7 +551,7 @@ def _provenance(meta: dict[str, Any]) -> str:
   wall = f"{minutes} min {seconds} s" if minutes else f"{seconds} s"
   commit = f", asam_jax at {meta['git_commit']}" if meta.get("git_commit") else ""
   return (
-    f"Run: `{meta['command']}` on {meta['date']}, {machine['cpu']} ({machine['cores']} cores, "
+    f"Run: `{meta['command']}`, finished {meta['date']}, on {machine['cpu']} ({machine['cores']} cores, "
     f"{machine['jax_backend']}); load average (1/5/15 min) {_loads(meta['load_before'])} before, "
     f"{_loads(meta['load_after'])} after; {wall} wall, {meta['cpu_s']:.0f} s CPU. "
     f"jax {versions['jax']}, optax {versions['optax']}, flax {versions['flax']}{commit}."
@@ -866,6 +866,20 @@ def _parser() -> argparse.ArgumentParser:
     help="leaves ASAM scales by |w|+eta: all (the paper), weights (the official code: "
     "asam_jax.weight_mask) or kernels (asam_jax.kernel_mask)",
   )
+  parser.add_argument(
+    "--sam-rhos",
+    nargs="+",
+    type=float,
+    metavar="RHO",
+    help=f"--sweep: SAM's grid (default {' '.join(map(str, SWEEP_RHO['sam']))})",
+  )
+  parser.add_argument(
+    "--asam-rhos",
+    nargs="+",
+    type=float,
+    metavar="RHO",
+    help=f"--sweep: ASAM's grid (default {' '.join(map(str, SWEEP_RHO['asam']))})",
+  )
   mode = parser.add_mutually_exclusive_group()
   mode.add_argument(
     "--sweep",
@@ -911,6 +925,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     return []
   if args.seeds < 1 or args.epochs < 1 or args.batch_size < 1:
     parser.error("--seeds, --epochs and --batch-size must be at least 1.")
+  if (args.sam_rhos or args.asam_rhos) and not args.sweep:
+    parser.error("--sam-rhos and --asam-rhos set the grid of --sweep.")
+  untuned = [m for m in args.models if m not in TUNED_RHO]
+  if untuned and not args.sweep and (args.sam_rho is None or args.asam_rho is None):
+    parser.error(f"no tuned rho for {', '.join(untuned)}: pass --sam-rho and --asam-rho.")
   args.out.mkdir(parents=True, exist_ok=True)
   load_before, wall, cpu = _load(), time.perf_counter(), time.process_time()
   environment = _environment()
@@ -925,11 +944,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
       "y_test": data["y"][-1000:],
     }
     configs = [(model, "sgd", 0.0, None) for model in args.models]
+    grid = {"sam": args.sam_rhos or SWEEP_RHO["sam"], "asam": args.asam_rhos or SWEEP_RHO["asam"]}
     configs += [
       (m, method, r, args.asam_convention)
       for m in args.models
-      for method in SWEEP_RHO
-      for r in SWEEP_RHO[method]
+      for method in grid
+      for r in grid[method]
     ]
     runs, kind = _run_grid(configs, data, args, "sweep"), "sweep"
   elif args.conventions:

@@ -269,6 +269,20 @@ def test_committed_markdown_is_rendered_from_the_committed_json(path):
     assert (path.parent / demo.KINDS[record["kind"]]).exists()
 
 
+def test_sweep_grid_options(tmp_path):
+  args = ["--sweep", "--models", "mlp", "--seeds", "1", "--epochs", "1"]
+  runs = demo.main(
+    [*args, "--sam-rhos", "0.3", "--asam-rhos", "0.4", "0.6", "--out", str(tmp_path)]
+  )
+  assert [(r["method"], r["rho"]) for r in runs] == [
+    ("sgd", 0.0), ("sam", 0.3), ("asam", 0.4), ("asam", 0.6)
+  ]  # fmt: skip
+  runs = demo.main([*args, "--methods", "sam", "--sam-rhos", "0.3", "--out", str(tmp_path)])
+  assert [(r["method"], r["rho"]) for r in runs] == [("sam", 0.3)]
+  with pytest.raises(SystemExit):
+    demo.main(["--sam-rhos", "0.3", "--out", str(tmp_path)])  # the grid is --sweep's
+
+
 def test_train_is_deterministic_given_the_seed():
   data = demo.load_mnist1d()
   a, b = (demo.train("mlp", "asam", 5, data, epochs=1, rho=0.5) for _ in range(2))
