@@ -850,7 +850,8 @@ def _parser() -> argparse.ArgumentParser:
     nargs="+",
     choices=METHODS,
     default=list(DEFAULT_METHODS),
-    help="the variants gsam, looksam, msam and random_sam use SAM's rho",
+    help="the variants gsam, looksam, msam and random_sam use SAM's rho; with --sweep, the "
+    "methods swept (sgd: the baseline)",
   )
   parser.add_argument("--sam-rho", type=float, help="SAM's rho for every model (default: tuned)")
   parser.add_argument("--seeds", type=int, default=3, help="number of seeds (0, 1, ...)")
@@ -925,6 +926,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     return []
   if args.seeds < 1 or args.epochs < 1 or args.batch_size < 1:
     parser.error("--seeds, --epochs and --batch-size must be at least 1.")
+  if args.sweep and not set(args.methods) <= {"sgd", "sam", "asam"}:
+    parser.error("--sweep tunes SGD's baseline and SAM's and ASAM's rho: --methods sgd sam asam.")
   if (args.sam_rhos or args.asam_rhos) and not args.sweep:
     parser.error("--sam-rhos and --asam-rhos set the grid of --sweep.")
   untuned = [m for m in args.models if m not in TUNED_RHO]
@@ -943,12 +946,13 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
       "x_test": data["x"][-1000:],
       "y_test": data["y"][-1000:],
     }
-    configs = [(model, "sgd", 0.0, None) for model in args.models]
+    configs = [(model, "sgd", 0.0, None) for model in args.models if "sgd" in args.methods]
     grid = {"sam": args.sam_rhos or SWEEP_RHO["sam"], "asam": args.asam_rhos or SWEEP_RHO["asam"]}
     configs += [
       (m, method, r, args.asam_convention)
       for m in args.models
       for method in grid
+      if method in args.methods
       for r in grid[method]
     ]
     runs, kind = _run_grid(configs, data, args, "sweep"), "sweep"
