@@ -1,6 +1,7 @@
 """The demo: its data, its optimizer against a float64 reference, and its command line."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -267,6 +268,14 @@ def test_committed_markdown_is_rendered_from_the_committed_json(path):
   )
   if demo.KINDS[record["kind"]]:
     assert (path.parent / demo.KINDS[record["kind"]]).exists()
+
+
+def test_the_notebooks_readme_quotes_the_committed_demo_rows():
+  readme = (Path(__file__).parent.parent / "notebooks" / "README.md").read_text()
+  rows = {line for path in COMMITTED for line in path.with_suffix(".md").read_text().splitlines()}
+  quoted = [line for line in readme.splitlines() if re.match(r"\| (mlp|cnn|cnn_ln) \|", line)]
+  assert len(quoted) > 20
+  assert [line for line in quoted if line not in rows] == [], "notebooks/README.md is stale"
 
 
 def test_sweep_grid_options(tmp_path):
