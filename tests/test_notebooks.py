@@ -1,6 +1,7 @@
 """The notebooks run top to bottom at reduced size, and are committed with their plots."""
 
 import importlib.util
+import os
 from pathlib import Path
 
 import nbformat
@@ -51,6 +52,11 @@ def test_executes_at_reduced_size(path, tmp_path, monkeypatch):
   # The notebook is executed in memory and never written back: the committed
   # outputs stay those of the full-size run.
   monkeypatch.setenv("ASAM_JAX_QUICK", "1")
+  # The kernel imports this checkout's asam_jax, whatever the environment has installed.
+  root = str(NOTEBOOK_DIR.parent)
+  monkeypatch.setenv(
+    "PYTHONPATH", os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+  )
   notebook = nbformat.read(path, as_version=4)
   client = NotebookClient(
     notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
