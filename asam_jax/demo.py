@@ -1,9 +1,13 @@
 """SGD vs SAM vs ASAM on MNIST-1D: ``python -m asam_jax.demo``.
 
-Trains an MLP and a small 1-D CNN (Flax Linen) with SGD, SAM and ASAM over
+Trains an MLP and a small 1-D CNN (Flax Linen; ``--models cnn_ln`` adds the
+CNN with a LayerNorm after each convolution) with SGD, SAM and ASAM over
 several seeds, prints a results table and writes a plot of the test-accuracy
-curves and the table (markdown and JSON) under ``--out``. The data, models and
-training loop here are also what the notebooks use.
+curves and the table (markdown and JSON) under ``--out``. ``--sweep`` tunes rho
+on a validation split, ``--conventions`` compares ASAM's three choices of which
+leaves it scales, and ``--report DIR`` re-renders the markdown and plots of
+saved JSON records without training. The data, models and training loop here
+are also what the notebooks use.
 
 MNIST-1D (Greydanus, 2020) is generated locally by the ``mnist1d`` package:
 4000 training and 1000 test signals of length 40, ten classes. Nothing is
