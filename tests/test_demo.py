@@ -1,8 +1,10 @@
 """The demo: its data, its optimizer against a float64 reference, and its command line."""
 
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +13,7 @@ import optax
 import pytest
 import reference
 
+import asam_jax
 from asam_jax import demo
 
 # --- data ---------------------------------------------------------------------
@@ -58,18 +61,23 @@ def test_flip_labels_refuses_a_fraction_outside_0_1():
 
 RNG = np.random.default_rng(0)
 X, Y = RNG.normal(size=(16, 5)), RNG.normal(size=(16, 3))
-W0 = [RNG.normal(size=3), RNG.normal(size=(5, 3))]  # bias, kernel: jax's leaf order
+# bias, kernel, scale (jax's leaf order): a linear layer followed by a per-output scale, as a
+# normalization layer has, so that the three ASAM conventions scale different leaves.
+W0 = [RNG.normal(size=3), RNG.normal(size=(5, 3)), 1 + 0.3 * RNG.normal(size=3)]
 
 
 def ls_grad64(w):
-  r = X @ w[1] + w[0] - Y
-  return [r.mean(0), X.T @ r / len(X)]
+  bias, kernel, scale = w
+  z = X @ kernel
+  r = z * scale + bias - Y
+  return [r.mean(0), X.T @ (r * scale) / len(X), (z * r).mean(0)]
 
 
 @pytest.mark.parametrize(
   ("method", "convention", "adaptive"),
-  [("sgd", "all", None), ("sam", "all", [False, False]), ("asam", "all", [True, True]),
-   ("asam", "kernels", [False, True])],
+  [("sgd", "all", None), ("sam", "all", [False, False, False]),
+   ("asam", "all", [True, True, True]), ("asam", "weights", [False, True, True]),
+   ("asam", "kernels", [False, True, False])],
 )  # fmt: skip
 def test_make_optimizer_matches_reference(method, convention, adaptive):
   rho, eta, lr, wd, total = 0.3, 0.05, 0.1, 5e-4, 4
@@ -77,8 +85,11 @@ def test_make_optimizer_matches_reference(method, convention, adaptive):
     method, rho=rho, eta=eta, convention=convention, learning_rate=lr, total_steps=total,
     weight_decay=wd,
   )  # fmt: skip
-  params = {"bias": jnp.asarray(W0[0], jnp.float32), "kernel": jnp.asarray(W0[1], jnp.float32)}
-  loss_fn = lambda p: 0.5 * jnp.mean(jnp.sum((X @ p["kernel"] + p["bias"] - Y) ** 2, -1))
+  names = ["bias", "kernel", "scale"]
+  params = {name: jnp.asarray(w, jnp.float32) for name, w in zip(names, W0)}
+  loss_fn = lambda p: (
+    0.5 * jnp.mean(jnp.sum(((X @ p["kernel"]) * p["scale"] + p["bias"] - Y) ** 2, -1))
+  )
   state = tx.init(params)
   w, trace = [a.copy() for a in W0], None
   for count in range(2):
@@ -93,15 +104,31 @@ def test_make_optimizer_matches_reference(method, convention, adaptive):
     trace = u if trace is None else [ui + 0.9 * ti for ui, ti in zip(u, trace)]
     step = lr * 0.5 * (1 + np.cos(np.pi * count / total))
     w = [wi - step * ti for wi, ti in zip(w, trace)]
-  for got, want in zip([params["bias"], params["kernel"]], w):
-    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-5, atol=1e-6)
+  for name, want in zip(names, w):
+    np.testing.assert_allclose(np.asarray(params[name], np.float64), want, rtol=1e-5, atol=1e-6)
+
+
+def test_the_conventions_differ_on_the_reference_problem():
+  """The parametrization above is not vacuous: the three conventions give three updates."""
+  finals = []
+  for convention in demo.CONVENTIONS:
+    tx = demo.make_optimizer("asam", rho=0.3, eta=0.05, convention=convention)
+    params = {name: jnp.asarray(w, jnp.float32) for name, w in zip(["bias", "kernel", "scale"], W0)}
+    loss_fn = lambda p: (
+      0.5 * jnp.mean(jnp.sum(((X @ p["kernel"]) * p["scale"] + p["bias"] - Y) ** 2, -1))
+    )
+    updates, _ = tx.update(jax.grad(loss_fn)(params), tx.init(params), params, loss_fn=loss_fn)
+    finals.append(np.concatenate([np.ravel(u) for u in jax.tree.leaves(updates)]))
+  for i in range(3):
+    for j in range(i):
+      assert np.abs(finals[i] - finals[j]).max() > 1e-4, (demo.CONVENTIONS[i], demo.CONVENTIONS[j])
 
 
 def test_make_optimizer_refuses_unknown_names():
   with pytest.raises(ValueError, match="method must be one of"):
     demo.make_optimizer("adam")
   with pytest.raises(ValueError, match="convention must be one of"):
-    demo.make_optimizer("asam", convention="weights")
+    demo.make_optimizer("asam", convention="biases")
 
 
 # --- the command line ---------------------------------------------------------
@@ -113,6 +140,16 @@ def test_demo_writes_table_plot_and_json(tmp_path, capsys):
   printed = capsys.readouterr().out
   saved = json.loads((tmp_path / "results.json").read_text())
   assert saved["runs"] == json.loads(json.dumps(runs))
+  meta = saved["meta"]
+  assert (
+    meta["command"] == f"python -m asam_jax.demo --models mlp --seeds 2 --epochs 1 --out {tmp_path}"
+  )
+  assert meta["machine"]["cores"] >= 1 and meta["machine"]["cpu"]
+  assert len(meta["load_before"]) == len(meta["load_after"]) == 3
+  assert meta["wall_s"] > 0 and meta["cpu_s"] > 0 and meta["date"].startswith("20")
+  assert (
+    meta["versions"]["jax"] == jax.__version__ and meta["versions"]["optax"] == optax.__version__
+  )
   assert [(r["model"], r["method"], r["rho"]) for r in runs] == [
     ("mlp", "sgd", 0.0),
     ("mlp", "sam", demo.TUNED_RHO["mlp"]["sam"]),
@@ -124,7 +161,9 @@ def test_demo_writes_table_plot_and_json(tmp_path, capsys):
     assert min(curve[-1] for curve in run["test_acc"]) > 0.2
     assert all(ms > 0 for ms in run["ms_per_step"])
   table = (tmp_path / "results.md").read_text()
+  assert table == demo.render_markdown(saved)
   assert table.count("\n| mlp |") == 3 and "| mlp | ASAM |" in printed
+  assert f"Run: `{meta['command']}`" in table
   assert (tmp_path / "test_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -154,6 +193,103 @@ def test_sweep_validates_every_rho_with_one_compilation_per_method(tmp_path):
   assert demo._epoch_fn.cache_info().misses - misses == 3
   assert "validation accuracy" in (tmp_path / "sweep.md").read_text()
   assert not (tmp_path / "results.json").exists()
+
+
+def test_cnn_ln_has_a_layer_norm_after_each_convolution_and_trains():
+  model = demo.MODELS["cnn_ln"]()
+  params = model.init(jax.random.key(0), jnp.zeros((1, 40)))["params"]
+  assert sorted(params) == [
+    "Conv_0", "Conv_1", "Conv_2", "Dense_0", "LayerNorm_0", "LayerNorm_1", "LayerNorm_2"
+  ]  # fmt: skip
+  assert all(params[f"LayerNorm_{i}"]["scale"].shape == (16,) for i in range(3))
+  # The CNN's own parameters are named and initialized as in the plain CNN.
+  plain = demo.MODELS["cnn"]().init(jax.random.key(0), jnp.zeros((1, 40)))["params"]
+  for name in ["Conv_0", "Conv_1", "Conv_2", "Dense_0"]:
+    for leaf in ["kernel", "bias"]:
+      np.testing.assert_array_equal(params[name][leaf], plain[name][leaf])
+  # weight_mask scales the LayerNorm scales too, kernel_mask does not.
+  weights, kernels = asam_jax.weight_mask(params), asam_jax.kernel_mask(params)
+  assert weights["LayerNorm_0"] == {"scale": True, "bias": False}
+  assert kernels["LayerNorm_0"] == {"scale": False, "bias": False}
+  result = demo.train("cnn_ln", "asam", 0, demo.load_mnist1d(), epochs=1, rho=0.1)
+  assert result["test_acc"][0] > 0.15  # above chance (10%) after one epoch
+
+
+def test_conventions_mode_writes_the_table(tmp_path):
+  args = ["--conventions", "--models", "mlp", "cnn_ln", "--seeds", "1", "--epochs", "1"]
+  runs = demo.main([*args, "--asam-rho", "0.1", "--out", str(tmp_path)])
+  assert [(r["model"], r["method"], r["convention"]) for r in runs] == [
+    (m, "asam", c) for m in ["mlp", "cnn_ln"] for c in demo.CONVENTIONS
+  ]
+  by = {(r["model"], r["convention"]): r for r in runs}
+  # On the MLP the official code's weights are its kernels: that run is not repeated.
+  assert by["mlp", "kernels"]["same_as"] == "weights"
+  assert by["mlp", "kernels"]["test_acc"] == by["mlp", "weights"]["test_acc"]
+  assert [by["cnn_ln", c]["scaled_leaves"] for c in demo.CONVENTIONS] == [14, 7, 4]
+  assert not any("same_as" in by["cnn_ln", c] for c in demo.CONVENTIONS)
+  saved = json.loads((tmp_path / "conventions.json").read_text())
+  assert saved["kind"] == "conventions" and saved["runs"] == json.loads(json.dumps(runs))
+  table = (tmp_path / "conventions.md").read_text()
+  assert table == demo.render_markdown(saved)
+  assert "| model | ρ | all | weights | kernels |" in table and "\n| cnn_ln | 0.1 | " in table
+  assert not (tmp_path / "results.json").exists()
+
+
+def test_report_rerenders_the_markdown_without_training(tmp_path, monkeypatch):
+  demo.main(["--models", "mlp", "--methods", "sgd", "--seeds", "1", "--epochs", "1",
+             "--out", str(tmp_path / "run")])  # fmt: skip
+  markdown = tmp_path / "run" / "results.md"
+  written = markdown.read_text()
+  markdown.write_text("stale")
+  (tmp_path / "run" / "test_accuracy.png").unlink()
+  monkeypatch.setattr(demo, "train", lambda *a, **k: pytest.fail("--report trained"))
+  assert demo.main(["--report", str(tmp_path)]) == []
+  assert markdown.read_text() == written
+  assert (tmp_path / "run" / "test_accuracy.png").read_bytes()[:4] == b"\x89PNG"
+
+
+COMMITTED = sorted((Path(__file__).parent.parent / "notebooks" / "demo").rglob("*.json"))
+
+
+def test_the_demo_records_are_committed():
+  kinds = sorted(p.stem for p in COMMITTED)
+  assert {"results", "sweep", "conventions"} <= set(kinds), kinds
+
+
+@pytest.mark.parametrize("path", COMMITTED, ids=lambda p: str(p.parent.name))
+def test_committed_markdown_is_rendered_from_the_committed_json(path):
+  record = json.loads(path.read_text())
+  assert path.with_suffix(".md").read_text() == demo.render_markdown(record), (
+    f"{path.with_suffix('.md')} is stale: run python -m asam_jax.demo --report {path.parent}"
+  )
+  meta = record["meta"]
+  assert {"command", "date", "machine", "load_before", "load_after", "wall_s", "versions"} <= set(
+    meta
+  )
+  if demo.KINDS[record["kind"]]:
+    assert (path.parent / demo.KINDS[record["kind"]]).exists()
+
+
+def test_the_notebooks_readme_quotes_the_committed_demo_rows():
+  readme = (Path(__file__).parent.parent / "notebooks" / "README.md").read_text()
+  rows = {line for path in COMMITTED for line in path.with_suffix(".md").read_text().splitlines()}
+  quoted = [line for line in readme.splitlines() if re.match(r"\| (mlp|cnn|cnn_ln) \|", line)]
+  assert len(quoted) > 20
+  assert [line for line in quoted if line not in rows] == [], "notebooks/README.md is stale"
+
+
+def test_sweep_grid_options(tmp_path):
+  args = ["--sweep", "--models", "mlp", "--seeds", "1", "--epochs", "1"]
+  runs = demo.main(
+    [*args, "--sam-rhos", "0.3", "--asam-rhos", "0.4", "0.6", "--out", str(tmp_path)]
+  )
+  assert [(r["method"], r["rho"]) for r in runs] == [
+    ("sgd", 0.0), ("sam", 0.3), ("asam", 0.4), ("asam", 0.6)
+  ]  # fmt: skip
+  runs = demo.main([*args, "--methods", "sam", "--sam-rhos", "0.3", "--out", str(tmp_path)])
+  assert [(r["method"], r["rho"]) for r in runs] == [("sam", 0.3)]
+  with pytest.raises(SystemExit):
+    demo.main(["--sam-rhos", "0.3", "--out", str(tmp_path)])  # the grid is --sweep's
 
 
 def test_train_is_deterministic_given_the_seed():
