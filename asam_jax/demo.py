@@ -408,7 +408,11 @@ def train(
 # alone, so `--report DIR` re-renders the markdown (and plots) of committed
 # records without training, and a test checks that the two agree.
 
-KINDS = {"results": "test_accuracy.png", "sweep": "sweep.png", "conventions": None}
+KINDS: dict[str, str | None] = {
+  "results": "test_accuracy.png",
+  "sweep": "sweep.png",
+  "conventions": None,
+}
 
 
 def _cpu_model() -> str:
@@ -722,8 +726,8 @@ def write_record(directory: Path, record: dict[str, Any], *, plots: bool = True)
   paths = [directory / f"{kind}.json", directory / f"{kind}.md"]
   paths[0].write_text(_compact_json(record) + "\n")
   paths[1].write_text(render_markdown(record))
-  if plots and KINDS[kind]:
-    paths.append(directory / KINDS[kind])
+  if plots and (plot := KINDS[kind]) is not None:
+    paths.append(directory / plot)
     (_plot_results if kind == "results" else _plot_sweep)(record["runs"], paths[-1])
   return paths
 
