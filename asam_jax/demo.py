@@ -66,10 +66,11 @@ ADAPTIVE_MASKS = {"all": None, "weights": asam_jax.weight_mask, "kernels": asam_
 
 # Chosen by `python -m asam_jax.demo --sweep` on a validation split of the
 # training set; notebooks/demo/sweep/ records the sweep. cnn_ln's were chosen
-# from the sweeps at 1af03da and 8018e00, the second extending the grid downwards by `--sweep --models cnn_ln
-# --methods sgd sam --sam-rhos 0.001 0.002 0.005`; the rerun recorded now puts
-# its argmax elsewhere on a curve flat within the seeds' spread, so they were
-# kept (notebooks/README.md, "The rho sweep").
+# from the sweeps at 1af03da and 8018e00, the second extending the grid
+# downwards (`--sweep --models cnn_ln --methods sgd sam --sam-rhos 0.001 0.002
+# 0.005`); the rerun recorded now puts its argmax elsewhere on a curve flat
+# within the seeds' spread, so they were kept (notebooks/README.md, "The rho
+# sweep").
 TUNED_RHO = {
   "mlp": {"sam": 0.5, "asam": 2.0},
   "cnn": {"sam": 0.1, "asam": 0.1},
