@@ -8,17 +8,25 @@ import reference
 from test_sam import W0, X, Y, ls_grad64, ls_loss
 
 
-@functools.partial(jax.jit, static_argnums=(0, 2))
-def run(tx, params, steps):
-  """``steps`` updates of ``tx`` from ``tx.init(params)``; returns params, state and every update."""
+def scan_steps(tx, params, loss_fn, steps, *, closure=True):
+  """``steps`` updates of ``tx`` from ``tx.init(params)`` in a ``lax.scan``, each from the
+  gradient of ``loss_fn`` at the params held (and ``loss_fn=`` itself, if ``closure``);
+  returns ``(params, state)`` and every update. Not jitted, so that pmap or shard_map can wrap it.
+  """
+  extra = {"loss_fn": loss_fn} if closure else {}
 
   def body(carry, _):
     params, state = carry
-    loss_fn = lambda p: ls_loss(p, X, Y)
-    updates, state = tx.update(jax.grad(loss_fn)(params), state, params, loss_fn=loss_fn)
+    updates, state = tx.update(jax.grad(loss_fn)(params), state, params, **extra)
     return (optax.apply_updates(params, updates), state), updates
 
-  (params, state), updates = jax.lax.scan(body, (params, tx.init(params)), None, length=steps)
+  return jax.lax.scan(body, (params, tx.init(params)), None, length=steps)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def run(tx, params, steps):
+  """``steps`` updates of ``tx`` on the least-squares problem; returns params, state and every update."""
+  (params, state), updates = scan_steps(tx, params, lambda p: ls_loss(p, X, Y), steps)
   return params, state, updates
 
 

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from loops import scan_steps
 from test_sam import W0, X, Y, f32, ls_loss
 
 import asam_jax
@@ -19,23 +20,12 @@ LOSS = lambda p: ls_loss(p, X, Y)
 @functools.partial(jax.jit, static_argnums=(0, 2))
 def calls(tx, params, n):
   """n closure-free calls: update(grads, state, params), the gradient taken at the params held."""
-
-  def body(carry, _):
-    params, state = carry
-    updates, state = tx.update(jax.grad(LOSS)(params), state, params)
-    return (optax.apply_updates(params, updates), state), None
-
-  return jax.lax.scan(body, (params, tx.init(params)), None, length=n)[0]
+  return scan_steps(tx, params, LOSS, n, closure=False)[0]
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2))
 def closure_steps(tx, params, n):
-  def body(carry, _):
-    params, state = carry
-    updates, state = tx.update(jax.grad(LOSS)(params), state, params, loss_fn=LOSS)
-    return (optax.apply_updates(params, updates), state), None
-
-  return jax.lax.scan(body, (params, tx.init(params)), None, length=n)[0]
+  return scan_steps(tx, params, LOSS, n)[0]
 
 
 CASES = {

@@ -19,6 +19,7 @@ import optax
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from loops import scan_steps
 from test_parallel import host, msam64
 from test_sam import assert_close, f32, ls_loss
 
@@ -174,15 +175,8 @@ def fsdp_train(tx):
   """STEPS steps of ``tx`` under shard_map over "d", batch and kernel sharded, state alike."""
 
   def train(params, x, y):
-    loss_fn = lambda p: fsdp_loss(p, x, y)
-
-    def body(carry, _):
-      params, state = carry
-      # the gradient as jax gives it: the kernel's shard, the bias's over the whole batch
-      updates, state = tx.update(jax.grad(loss_fn)(params), state, params, loss_fn=loss_fn)
-      return (optax.apply_updates(params, updates), state), None
-
-    return jax.lax.scan(body, (params, tx.init(params)), None, length=STEPS)[0]
+    # the gradient as jax gives it: the kernel's shard, the bias's over the whole batch
+    return scan_steps(tx, params, lambda p: fsdp_loss(p, x, y), STEPS)[0]
 
   state_specs = jax.tree.map(
     lambda a: P("d") if a.shape == KW["w"].shape else P(), jax.eval_shape(tx.init, f32(KW))

@@ -26,7 +26,7 @@ import pytest
 import reference
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from loops import W0_FLAT, flat, unflat
+from loops import W0_FLAT, flat, scan_steps, unflat
 from peers import msam as msam_port
 from test_sam import W0, X, Y, assert_close, f32, ls_grad64, ls_loss, ls_loss64, sam_grad64
 
@@ -342,14 +342,7 @@ def pmap_run(method, sync):
 
   @functools.partial(jax.pmap, axis_name="data", in_axes=(None, 0, 0))
   def train(params, x, y):
-    loss_fn = lambda p: ls_loss(p, x, y)
-
-    def body(carry, _):
-      params, state = carry
-      updates, state = tx.update(jax.grad(loss_fn)(params), state, params, loss_fn=loss_fn)
-      return (optax.apply_updates(params, updates), state), None
-
-    return jax.lax.scan(body, (params, tx.init(params)), None, length=calls(method))[0]
+    return scan_steps(tx, params, lambda p: ls_loss(p, x, y), calls(method))[0]
 
   return host(train(f32(W0), X.reshape(N, -1, 5), Y.reshape(N, -1, 3)))
 
