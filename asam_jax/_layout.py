@@ -113,7 +113,7 @@ def _fsdp_message(who: str, path: str, axes: tuple[Any, ...]) -> str:
     f"params leaf {path} varies over the shard_map axis {name!r}, so it reads as sharded over "
     f"it (FSDP or tensor parallelism), but {who} was built with axis_name naming {name!r}, "
     "which makes it a data-parallel axis: params replicated, each device's own gradient "
-    "averaged. If the params are replicated, pass update the params as they are (only the "
+    "averaged. If the params are replicated, give update() the params as they are (only the "
     f"gradient is taken at asam_jax.to_varying(params, {name!r})). If they are sharded, "
     "there is no per-device full gradient, so mSAM is impossible over that axis: drop "
     f"{name!r} from axis_name, and the library sums the norms over the shards itself "

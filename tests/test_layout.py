@@ -337,7 +337,7 @@ def test_naming_a_sharding_axis_is_refused_saying_to_drop_it(method):
   with pytest.raises(
     ValueError,
     match=r"params leaf \['w'\] varies over the shard_map axis 'd'.*If the params are replicated, "
-    r"pass update the params as they are.*mSAM is impossible over that axis: drop 'd' from "
+    r"give update\(\) the params as they are.*mSAM is impossible over that axis: drop 'd' from "
     r"axis_name",
   ):
     jax.eval_shape(
