@@ -15,10 +15,10 @@ from asam_jax._momentum_sam import (
   momentum_sam_adamw,
   momentum_sam_weights,
 )
-from asam_jax._perturbation import perturbation
+from asam_jax._perturbation import perturbation, random_perturbation
 from asam_jax._random_sam import RandomSAMState, random_sam
 from asam_jax._sam import SAMState, asam, sam
-from asam_jax._sharpness import average_sharpness, random_perturbation, sharpness
+from asam_jax._sharpness import average_sharpness, sharpness
 from asam_jax._varying import to_varying
 from asam_jax.parallel import grouped_update, split_batch
 

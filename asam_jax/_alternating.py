@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import optax
 from optax._src import numerics
 
+from asam_jax._layout import axis_names
+from asam_jax._maximizer import as_real
 from asam_jax._sam import ascent_of, like
 
 
@@ -71,8 +73,8 @@ def alternating(
     cannot differ per device (mSAM needs the closure form).
 
   Args:
-    tx: a transformation built by :func:`asam_jax.sam` or
-      :func:`asam_jax.asam`, not chained.
+    tx: a transformation built by :func:`asam_jax.sam`, :func:`asam_jax.asam`
+      or :func:`asam_jax.fisher_sam`, not chained.
     optimizer: the optimizer applied to the gradient at ``w + eps``.
 
   Returns:
@@ -96,12 +98,19 @@ def alternating(
     Generalization, ICLR 2021, Algorithm 1.
   """
   ascent = ascent_of(tx)
-  if ascent.axis_name is not None and not ascent.sync:
+  if set(ascent.sync) != set(axis_names(ascent.axis_name)):
     raise ValueError(
       "alternating keeps the perturbation in the parameters, which must stay replicated "
       "over the devices, so it cannot perturb each device with its own gradient (mSAM). "
       f"Build tx with sync_perturbation=True (global SAM over {ascent.axis_name!r}), or use "
-      "the closure form, tx.update(..., loss_fn=...), for mSAM."
+      "the closure form, tx.update(..., loss_fn=...), for mSAM or one perturbation per "
+      "group of devices."
+    )
+  if ascent.geometry == "fisher" and ascent.steps > 1:
+    raise ValueError(
+      "alternating with fisher_sam(ascent_steps > 1) would take each step's Fisher metric "
+      "from the gradient at the perturbed point, not the clean one. Use ascent_steps=1, or "
+      "the closure form, tx.update(..., loss_fn=...)."
     )
   period = ascent.steps + 1
   optimizer = optax.with_extra_args_support(optimizer)
@@ -125,18 +134,24 @@ def alternating(
     def ascend(state):
       g = layout.ascent_gradient(updates)
       if ascent.steps == 1:
-        eps, reached = ascent.step(None, g, params, sam_step, layout)
-        return like(eps, updates), state._replace(
+        ball = ascent.ball(params, g, sam_step, layout)
+        eps, reached = ascent.advance(ball, None, g)
+        return like(ball.tree(eps), updates), state._replace(
           perturbation_norm=reached.astype(jnp.float32), weights=params
         )
       # A step's first call saves w; the later ones start from w plus the steps so far.
       weights = jax.tree.map(lambda w, p: jnp.where(phase == 0, p, w), state.weights, params)
-      so_far = jax.tree.map(lambda p, w: (p - w).astype(p.dtype), params, weights)
-      eps, reached = ascent.step(so_far, g, weights, sam_step, layout)
+      ball = ascent.ball(weights, g, sam_step, layout)
+      moved = jax.tree.leaves(params)
+      so_far = [
+        as_real(moved[i]).astype(ball.dtype) - as_real(ball.params[i]).astype(ball.dtype)
+        for i in ball.chosen
+      ]
+      eps, reached = ascent.advance(ball, so_far, g)
       if reached is None:
-        reached = ascent.radius(eps, weights, sam_step, layout)
-      step = jax.tree.map(lambda e, s: e - s, eps, so_far)
-      return like(step, updates), state._replace(
+        reached = ball.radius(eps)
+      step = [e - s for e, s in zip(eps, so_far)]
+      return like(ball.tree(step), updates), state._replace(
         perturbation_norm=reached.astype(jnp.float32), weights=weights
       )
 

@@ -1,15 +1,20 @@
 """The ascent every SAM-type transformation shares: perturb, step out, take the gradient there.
 
-An :class:`Ascent` holds what defines the perturbation (``rho``, ``eta``,
-``p``, the masks), the devices (``axis_name``, ``sync_perturbation``) and the
-number of ascent steps. ``sam``, ``asam``, ``gsam``, ``looksam`` and
-``alternating`` are built on one, so each mode exists once.
+An :class:`Ascent` holds what defines the perturbation: its radius, the ball's
+geometry ``T`` (SAM's identity, ASAM's ``|w| + eta``, Fisher SAM's
+``(1 + eta g^2)^-1/2``), ``p``, the masks, the devices and the number of
+ascent steps. Per update it builds a :class:`Ball` at the unperturbed weights,
+and :meth:`Ascent.climb` moves out along a direction and takes the gradient
+there. The variants change only what they hand it: a direction (Friendly
+SAM's ``g - sigma m``, ESAM's drawn leaves, random SAM's sphere), a radius
+factor, or the loss of the last pass (ESAM's selected examples).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, TypeAlias
 
 import chex
@@ -18,11 +23,14 @@ import jax.numpy as jnp
 import optax
 
 from asam_jax import _validation
+from asam_jax._ball import Ball, is_low_precision, make_ball
 from asam_jax._layout import Layout, check_sync, resolve
 from asam_jax._masks import Mask, resolve_masks
-from asam_jax._perturbation import ball_norm, ball_scale, perturbation_with_norm, project
+from asam_jax._maximizer import real_gradient
 
 ScalarOrSchedule: TypeAlias = float | jax.Array | Callable[[chex.Numeric], chex.Numeric]
+# A direction maps a leaf's index and its gradient (real coordinates) to the vector to follow.
+Direction: TypeAlias = Callable[[int, chex.Array], chex.Array]
 
 
 def value_at(value: Any, count: chex.Array) -> Any:
@@ -85,12 +93,35 @@ def scalar_loss(loss_fn: Callable[[Any], Any], has_aux: bool) -> Callable[[Any],
   return loss
 
 
+_WARNED: set[str] = set()
+
+
+def warn_low_precision(who: str, names: Sequence[str]) -> None:
+  """Warns once per process that params below float32 round most of a small eps away."""
+  if who in _WARNED:
+    return
+  _WARNED.add(who)
+  warnings.warn(
+    f"{who} perturbs params stored below float32 ({', '.join(names[:3])}"
+    f"{', ...' if len(names) > 3 else ''}): w + eps is rounded to their dtype, which keeps 8 "
+    "(bfloat16) or 11 (float16) significant bits, so the part of eps below |w| 2^-8 (or "
+    "2^-11) is lost, most of a small eps. The state's perturbation_norm reports the radius "
+    "reached after rounding. Keep float32 master weights and compute in low precision "
+    "inside the loss (jmp.get_policy('params=float32,compute=bfloat16,output=float32'); see "
+    "the README's mixed-precision section).",
+    stacklevel=4,
+  )
+
+
 def value_and_grad_at(
-  loss_fn: Callable[[Any], Any], has_aux: bool, params: Any, eps: Any, layout: Layout
+  loss_fn: Callable[[Any], Any], has_aux: bool, perturbed: Any, layout: Layout
 ) -> tuple[chex.Array, Any]:
-  """``L(w + eps)`` and this device's gradient there: the one extra pass SAM pays for."""
-  perturbed = layout.local(optax.apply_updates(params, eps))
-  return jax.value_and_grad(scalar_loss(loss_fn, has_aux))(perturbed)
+  """``L(w + eps)`` and this device's gradient there: the one extra pass SAM pays for.
+
+  Integer leaves (left out by ``perturb_mask``) get the ``float0`` gradient of
+  ``jax.grad(..., allow_int=True)``.
+  """
+  return jax.value_and_grad(scalar_loss(loss_fn, has_aux), allow_int=True)(layout.local(perturbed))
 
 
 class Ascent(NamedTuple):
@@ -99,14 +130,14 @@ class Ascent(NamedTuple):
   Attributes:
     who: the constructor's name, for error messages.
     rho: the radius, a number or a schedule of the step count.
-    eta: ASAM's offset in ``T_w = diag(|w| + eta)``, likewise.
-    adaptive: whether ``T_w`` scales (ASAM) or not (SAM).
+    eta: the geometry's coefficient (ASAM's offset, Fisher SAM's weight), likewise.
+    geometry: ``"euclidean"`` (SAM), ``"adaptive"`` (ASAM) or ``"fisher"``.
     p: the norm of the ball.
-    eps: norms at most this are divided by it instead.
-    adaptive_mask: which leaves ``T_w`` scales.
+    floor: norms at most this are divided by it instead (the constructors' ``eps``).
+    adaptive_mask: which leaves the geometry scales (``None``: all).
     perturb_mask: which leaves are perturbed.
     axis_name: the data-parallel axes, or ``None``.
-    sync: whether the perturbation is global over ``axis_name``.
+    sync: ``sync_perturbation``: ``False``, ``True`` or the axes synced over.
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
     steps: the number of ascent steps (1: SAM).
     projection: whether each ascent step is projected back onto the ball.
@@ -115,135 +146,150 @@ class Ascent(NamedTuple):
   who: str
   rho: ScalarOrSchedule
   eta: ScalarOrSchedule
-  adaptive: bool
+  geometry: str
   p: float
-  eps: float
+  floor: float
   adaptive_mask: Mask | None
   perturb_mask: Mask | None
   axis_name: Any
-  sync: bool
+  sync: Any
   has_aux: bool
   steps: int = 1
   projection: bool = False
 
-  def check_params(self, params: Any) -> None:
-    """Checks the masks against the parameters, at ``init``, before any tracing."""
-    resolve_masks(
+  def masks(self, params: Any) -> tuple[Any, Any]:
+    """The perturbed leaves and the leaves the geometry scales, one bool per leaf."""
+    return resolve_masks(
       params,
-      adaptive=self.adaptive,
+      adaptive=self.geometry != "euclidean",
       adaptive_mask=self.adaptive_mask,
       perturb_mask=self.perturb_mask,
     )
+
+  def check_params(self, params: Any) -> None:
+    """Checks the masks against the parameters, at ``init``, before any tracing."""
+    self.masks(params)
 
   def layout(self, params: Any, grads: Any) -> Layout:
     """The devices this update runs on, or an error that says how to fix the call."""
     return resolve(self.who, self.axis_name, self.sync, params, grads)
 
-  def perturb(
-    self, grads: Any, params: Any, count: chex.Array, layout: Layout
-  ) -> tuple[Any, chex.Array]:
-    """``eps`` for the gradient ``grads`` at ``params``, and ``||T^-1 eps||_p``."""
-    return perturbation_with_norm(
-      grads,
+  def ball(self, params: Any, grads: Any, count: chex.Array, layout: Layout) -> Ball:
+    """The ball at ``params`` this update; Fisher SAM's ``T`` comes from ``grads``."""
+    ball = make_ball(
       params,
+      grads,
       rho=value_at(self.rho, count),
       eta=value_at(self.eta, count),
-      adaptive=self.adaptive,
+      geometry=self.geometry,
       p=self.p,
-      eps=self.eps,
+      floor=self.floor,
       adaptive_mask=self.adaptive_mask,
       perturb_mask=self.perturb_mask,
       layout=layout,
     )
+    paths = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+    if low := [paths[i] for i in ball.chosen if is_low_precision(ball.params[i])]:
+      warn_low_precision(self.who, low)
+    return ball
 
-  def step(
-    self, eps: Any, grads: Any, params: Any, count: chex.Array, layout: Layout
-  ) -> tuple[Any, chex.Array | None]:
-    """``eps`` plus one ascent step along ``grads`` (projected if asked), and its radius.
+  def directions(self, ball: Ball, grads: Any, direction: Direction | None) -> list[chex.Array]:
+    """The vector each chosen leaf follows: its gradient, or ``direction`` of it."""
+    leaves = jax.tree.leaves(grads)
+    out = [real_gradient(leaves[i]) for i in ball.chosen]
+    return out if direction is None else [direction(i, d) for i, d in zip(ball.chosen, out)]
 
-    Args:
-      eps: the perturbation so far, or ``None`` before the first step.
-      grads: the gradient at ``w + eps``, already through ``layout.ascent_gradient``.
-      params: the unperturbed weights ``w``, whose ``T_w`` scales every step.
-      count: the step count the schedules are evaluated at.
-      layout: the devices.
+  def advance(
+    self,
+    ball: Ball,
+    eps: list[chex.Array] | None,
+    grads: Any,
+    direction: Direction | None = None,
+    rho: Any = None,
+  ) -> tuple[list[chex.Array], chex.Array | None]:
+    """One ascent step from ``eps`` (``None``: from ``w``) along ``grads``, and its radius.
 
-    Returns:
-      The new perturbation and ``||T^-1 eps||_p``, or ``None`` for the radius
-      of an unprojected sum of steps, which would cost a pass.
+    Returns the radius ``None`` for an unprojected sum of steps, whose radius would cost a pass.
     """
-    more, reached = self.perturb(grads, params, count, layout)
+    more, reached = ball.maximizer(self.directions(ball, grads, direction), rho=rho)
     if eps is None:
       return more, reached
-    eps = jax.tree.map(lambda a, b: (a + b).astype(a.dtype), eps, more)
-    if not self.projection:
-      return eps, None
-    return project(eps, self._ball(params, count), value_at(self.rho, count), self.p, layout)
-
-  def radius(self, eps: Any, params: Any, count: chex.Array, layout: Layout) -> chex.Array:
-    """``||T^-1 eps||_p`` of an accumulated perturbation."""
-    return ball_norm(eps, self._ball(params, count), self.p, layout)
-
-  def _ball(self, params, count):
-    return ball_scale(
-      params,
-      eta=value_at(self.eta, count),
-      adaptive=self.adaptive,
-      adaptive_mask=self.adaptive_mask,
-      perturb_mask=self.perturb_mask,
-    )
+    eps = [a + b for a, b in zip(eps, more)]
+    return ball.project(eps) if self.projection else (eps, None)
 
   def climb(
-    self, grads: Any, params: Any, count: chex.Array, loss_fn: Callable[[Any], Any], layout: Layout
+    self,
+    ball: Ball,
+    grads: Any,
+    loss_fn: Callable[[Any], Any],
+    *,
+    direction: Direction | None = None,
+    first: Callable[[Ball], list[chex.Array]] | None = None,
+    rho_factor: Any = 1,
+    last: Callable[[Any], tuple[chex.Array, Any]] | None = None,
   ) -> tuple[chex.Array, Any, chex.Array]:
-    """Ascends from ``params`` and returns the loss, the gradient and the radius at the end.
+    """Ascends from the ball's centre and returns the loss, the gradient and the radius at the end.
 
     Args:
-      grads: the gradient the first step perturbs with, already through
-        ``layout.ascent_gradient``.
-      params: the weights ``w``.
-      count: the step count the schedules are evaluated at.
+      ball: the ball of this update.
+      grads: the gradient the first step follows (through ``layout.ascent_gradient``).
       loss_fn: the loss closure.
-      layout: the devices.
+      direction: maps each leaf's gradient to the vector followed, at every step.
+      first: instead of ``grads``, ``ball -> u``: the first step's point of
+        the ball's coordinates, per chosen leaf (random SAM's draw on the sphere).
+      rho_factor: multiplies the radius of every step (ESAM's ``1 / beta``).
+      last: ``perturbed params -> (loss, gradient)`` for the last pass, in place
+        of ``loss_fn``'s value and gradient.
 
     Returns:
       ``(L(w + eps), g, ||T^-1 eps||_p)`` with ``g`` the gradient at
-      ``w + eps``: this device's own, or, with ``sync``, averaged already.
+      ``w + eps``: this device's own, or averaged over the synced axes.
     """
-    eps, reached = self.step(None, grads, params, count, layout)
+    layout = ball.layout
+    if first is None:
+      eps, reached = ball.maximizer(
+        self.directions(ball, grads, direction), rho=ball.rho * rho_factor
+      )
+    else:
+      eps, reached = ball.maximizer(first(ball), in_ball=True, rho=ball.rho * rho_factor)
     for _ in range(self.steps - 1):
-      _, grads = value_and_grad_at(loss_fn, self.has_aux, params, eps, layout)
-      eps, reached = self.step(eps, layout.ascent_gradient(grads), params, count, layout)
-    if reached is None:
-      reached = self.radius(eps, params, count, layout)
-    loss, grads = value_and_grad_at(loss_fn, self.has_aux, params, eps, layout)
-    return loss, layout.perturbed_gradient(grads), reached
+      _, g = value_and_grad_at(loss_fn, self.has_aux, ball.shift(eps), layout)
+      g = layout.ascent_gradient(g)
+      eps, reached = self.advance(ball, eps, g, direction, ball.rho * rho_factor)
+    perturbed = ball.shift(eps)
+    if reached is None or any(is_low_precision(ball.params[i]) for i in ball.chosen):
+      reached = ball.reached(perturbed)
+    if last is None:
+      loss, g = value_and_grad_at(loss_fn, self.has_aux, perturbed, layout)
+    else:
+      loss, g = last(layout.local(perturbed))
+    return loss, layout.perturbed_gradient(g), reached
 
 
 def make_ascent(
   who: str,
   rho: ScalarOrSchedule,
-  eta: ScalarOrSchedule,
+  eta: ScalarOrSchedule = 0.0,
   *,
-  adaptive: bool,
+  geometry: str = "euclidean",
   p: float = 2,
   eps: float = 0.0,
   adaptive_mask: Mask | None = None,
   perturb_mask: Mask | None = None,
   axis_name: Any = None,
-  sync_perturbation: bool = False,
+  sync_perturbation: Any = False,
   has_aux: bool = False,
   ascent_steps: int = 1,
   ascent_projection: bool = False,
 ) -> Ascent:
   """Checks a constructor's arguments and returns its :class:`Ascent`."""
-  # sam's and asam's arguments that optax.inject_hyperparams must leave static.
+  # The arguments that optax.inject_hyperparams must leave static.
   statics = ("p", "ascent_steps")
   p = _validation.check_p(p, who, statics)
   _validation.check_nonnegative("rho", rho)
   _validation.check_nonnegative("eta", eta)
   _validation.check_nonnegative("eps", eps)
-  check_sync(axis_name, sync_perturbation)
+  sync = check_sync(axis_name, sync_perturbation)
   steps = _validation.static_int(
     "ascent_steps",
     ascent_steps,
@@ -261,13 +307,13 @@ def make_ascent(
     who,
     rho,
     eta,
-    adaptive,
+    geometry,
     p,
     eps,
     adaptive_mask,
     perturb_mask,
     axis_name,
-    sync_perturbation,
+    sync,
     has_aux,
     steps,
     ascent_projection,

@@ -12,7 +12,7 @@ import optax
 from asam_jax import _validation
 from asam_jax._ascent import ScalarOrSchedule, make_ascent
 from asam_jax._masks import Mask
-from asam_jax._norms import inner_products
+from asam_jax._norms import combination, projection
 from asam_jax._sam import transformation
 
 
@@ -74,21 +74,13 @@ def gsam_rho_schedule(
 def _surrogate_gap_direction(alpha, minimize_fp, g, g_p, layout):
   """``g_p - alpha g_perp`` (``g_perp`` of ``g`` against ``g_p``), or big_vision's other form."""
   alpha = _validation.guard(alpha, jnp.float32)
-  g_leaves = jax.tree.leaves(g)
-  p_leaves = jax.tree.leaves(g_p)
-  own = (1, 1) if minimize_fp else (0, 0)
-  (cross, norm), (s_g, s_p) = inner_products(
-    [g_leaves, p_leaves], [(0, 1), own], layout, range(len(g_leaves))
-  )
   if minimize_fp:
-    # g_perp = g - c g_p with c = <g, g_p> / ||g_p||^2: d = (1 + alpha c) g_p - alpha g.
-    c = jnp.where(norm > 0, cross / norm, 0) * (s_p / s_g)
-    a, b = 1 + alpha * c, -alpha
+    # g_perp = g - c g_p with c g_p g's projection on g_p: d = (1 + alpha c) g_p - alpha g.
+    a, b = 1 + alpha * projection(g, g_p, layout), -alpha
   else:
     # g_p's part orthogonal to g, added to g: d = alpha g_p + (1 - alpha c) g.
-    c = jnp.where(norm > 0, cross / norm, 0) * (s_g / s_p)
-    a, b = alpha, 1 - alpha * c
-  return jax.tree.map(lambda gp, x: (a * gp + b * x).astype(gp.dtype), g_p, g)
+    a, b = alpha, 1 - alpha * projection(g_p, g, layout)
+  return jax.tree.map(lambda gp, x: combination(a, gp, b, x), g_p, g)
 
 
 def gsam(
@@ -102,7 +94,7 @@ def gsam(
   perturb_mask: Mask | None = None,
   minimize_fp: bool = True,
   axis_name: Any = None,
-  sync_perturbation: bool = False,
+  sync_perturbation: Any = False,
   has_aux: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Surrogate Gap Guided SAM: SAM's gradient minus ``alpha`` times the clean gradient's orthogonal part.
@@ -163,7 +155,7 @@ def gsam(
     "gsam",
     rho,
     eta,
-    adaptive=adaptive,
+    geometry="adaptive" if adaptive else "euclidean",
     eps=eps,
     adaptive_mask=adaptive_mask,
     perturb_mask=perturb_mask,

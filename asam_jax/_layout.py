@@ -18,7 +18,7 @@ was asked, are refused with an error that says what to change.
 
 from __future__ import annotations
 
-import functools
+import collections.abc
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -26,7 +26,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from asam_jax._varying import invariant_axes, to_varying, tracked_axes
+from asam_jax._varying import barrier, invariant_axes, to_varying, tracked_axes
 
 
 def axis_names(axis_name: Any) -> tuple[Any, ...]:
@@ -41,32 +41,33 @@ class Layout(NamedTuple):
 
   Attributes:
     data_axes: the data-parallel axes (``axis_name`` as a tuple).
-    sync: whether the gradient is averaged over ``data_axes`` before it is
-      used (global SAM) rather than after (per-device mSAM).
+    sync_axes: the data axes the gradient is averaged over before it is used
+      (``sync_perturbation``): all of them for global SAM, none for per-device
+      mSAM, some for one perturbation per group of devices.
     shard_axes: for each leaf of ``params`` (flattened), the ``shard_map`` axes
       it is sharded over.
   """
 
   data_axes: tuple[Any, ...] = ()
-  sync: bool = False
+  sync_axes: tuple[Any, ...] = ()
   shard_axes: tuple[tuple[Any, ...], ...] | None = None
 
   def _reduce(
     self,
     partials: Sequence[chex.Array],
     leaves: Sequence[int],
-    op: Callable[[Any, Any], Any],
+    reduce: Callable[[Any], Any],
     collective: Callable[[Any, Any], Any],
   ) -> chex.Array:
     # One collective per distinct set of shard axes, not one per leaf.
     groups: dict[tuple[Any, ...], list[chex.Array]] = {}
     for i, x in zip(leaves, partials):
       groups.setdefault(self.shard_axes[i] if self.shard_axes else (), []).append(x)
-    totals = [
-      collective(functools.reduce(op, xs), axes) if axes else functools.reduce(op, xs)
-      for axes, xs in groups.items()
-    ]
-    return functools.reduce(op, totals)
+    totals = []
+    for axes, xs in groups.items():
+      total = _combine(xs, reduce)
+      totals.append(collective(total, axes) if axes else total)
+    return _combine(totals, reduce)
 
   def sum(self, partials: Sequence[chex.Array], leaves: Sequence[int]) -> chex.Array:
     """The sum of per-leaf partial sums, each summed over the shards of its leaf.
@@ -76,35 +77,62 @@ class Layout(NamedTuple):
       leaves: the indices, among the flattened params, of the leaves the
         partials belong to.
     """
-    return self._reduce(partials, leaves, jnp.add, jax.lax.psum)
+    return self._reduce(partials, leaves, jnp.sum, jax.lax.psum)
 
   def max(self, partials: Sequence[chex.Array], leaves: Sequence[int]) -> chex.Array:
     """The maximum of per-leaf partial maxima, each over the shards of its leaf."""
-    return self._reduce(partials, leaves, jnp.maximum, jax.lax.pmax)
+    return self._reduce(partials, leaves, jnp.max, jax.lax.pmax)
 
-  def mean(self, tree: Any) -> Any:
-    """``tree`` averaged over the data-parallel axes."""
-    return jax.lax.pmean(tree, self.data_axes) if self.data_axes else tree
+  def mean(self, tree: Any, axes: tuple[Any, ...] | None = None) -> Any:
+    """``tree`` averaged over ``axes`` (default: the data-parallel axes).
+
+    Leaves that are not floats (the ``float0`` gradients of integer leaves)
+    pass, and a leaf that does not vary over an axis is cast to varying first,
+    as ``shard_map`` requires of a ``pmean``.
+    """
+    axes = self.data_axes if axes is None else axes
+    if not axes:
+      return tree
+
+    def mean(x):
+      if not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
+        return x
+      return jax.lax.pmean(to_varying(x, axes), axes)
+
+    return jax.tree.map(mean, tree)
 
   def ascent_gradient(self, grads: Any) -> Any:
-    """The gradient the perturbation is computed from: averaged first with ``sync``."""
-    return self.mean(grads) if self.sync else grads
+    """The gradient the perturbation is computed from: averaged over the synced axes first."""
+    return self.mean(grads, self.sync_axes)
 
   def perturbed_gradient(self, grads: Any) -> Any:
-    """A gradient at the perturbed weights, averaged now with ``sync``, later otherwise."""
-    return self.mean(grads) if self.sync else grads
+    """A gradient at the perturbed weights: averaged over the synced axes now, the rest later."""
+    return self.mean(grads, self.sync_axes)
 
   def finish(self, tree: Any) -> Any:
-    """Averages what was computed from each device's own gradients; global values pass.
+    """Averages over the data axes that are not synced what was computed per device or group.
 
-    With ``sync`` every input was averaged already, so the outputs are equal on
-    every device, bit for bit, with no further collective.
+    With every axis synced the inputs were averaged already, so the outputs are
+    equal on every device, bit for bit, with no further collective.
     """
-    return tree if self.sync else self.mean(tree)
+    return self.mean(tree, tuple(a for a in self.data_axes if a not in self.sync_axes))
 
   def local(self, params: Any) -> Any:
     """``params`` at which ``jax.grad`` gives this device's gradient, not the devices' sum."""
     return to_varying(params, self.data_axes) if self.data_axes else params
+
+
+def _combine(partials: Sequence[chex.Array], reduce: Callable[[Any], Any]) -> chex.Array:
+  """One reduction of per-leaf partial results, stacked behind a barrier.
+
+  Left to itself XLA fuses every leaf's reduction, and the adds that join
+  them, into one kernel whose compile time grows with the square of the
+  number of leaves (6 s at 1,000 leaves, 27 s at 2,000 on a 2-core CPU); the
+  barrier keeps each leaf's reduction its own kernel, as optax's leaves are.
+  """
+  if len(partials) == 1:
+    return partials[0]
+  return reduce(barrier(jnp.stack(partials)))
 
 
 def _fsdp_message(who: str, path: str, axes: tuple[Any, ...]) -> str:
@@ -173,13 +201,15 @@ def shard_axes_of(params: Any) -> tuple[tuple[Any, ...], ...] | None:
   return axes if any(axes) else None
 
 
-def resolve(who: str, axis_name: Any, sync: bool, params: Any, grads: Any = None) -> Layout:
+def resolve(
+  who: str, axis_name: Any, sync: tuple[Any, ...], params: Any, grads: Any = None
+) -> Layout:
   """The :class:`Layout` of one update, or an error that says how to fix the call.
 
   Args:
     who: the constructor's name, for the messages.
     axis_name: the transformation's ``axis_name``.
-    sync: its ``sync_perturbation``.
+    sync: the axes its ``sync_perturbation`` averages over, from :func:`check_sync`.
     params: the parameters ``update`` was given.
     grads: the gradient it was given, checked for a devices' sum where each
       device's own is needed; ``None`` to skip that check.
@@ -213,10 +243,31 @@ def resolve(who: str, axis_name: Any, sync: bool, params: Any, grads: Any = None
   return Layout(names, sync, shard_axes)
 
 
-def check_sync(axis_name: Any, sync: bool) -> None:
-  """Refuses ``sync_perturbation`` without an axis to synchronize over."""
-  if sync and axis_name is None:
+def check_sync(axis_name: Any, sync: Any) -> tuple[Any, ...]:
+  """``sync_perturbation`` as the tuple of axes it averages over, or an error naming the choices.
+
+  ``False`` syncs nothing (per-device mSAM), ``True`` every axis of
+  ``axis_name`` (global SAM), and an axis name or a tuple of them, a subset of
+  ``axis_name``, those axes: one perturbation per group of devices along them.
+  """
+  names = axis_names(axis_name)
+  if sync is False:
+    return ()
+  if sync is True:
+    if not names:
+      raise ValueError(
+        "sync_perturbation=True averages the gradient over a device axis, so "
+        "it needs axis_name, the name given to pmap or shard_map."
+      )
+    return names
+  chosen = axis_names(sync)
+  hashable = all(isinstance(a, collections.abc.Hashable) for a in chosen)
+  if not chosen or not hashable or not set(chosen) <= set(names):
     raise ValueError(
-      "sync_perturbation=True averages the gradient over a device axis, so "
-      "it needs axis_name, the name given to pmap or shard_map."
+      f"sync_perturbation must be True, False, or an axis name or tuple of axis names "
+      f"among axis_name={axis_name!r}, got {sync!r}. True computes one perturbation "
+      "from the gradient averaged over every axis (global SAM), False one per device "
+      "(mSAM), and a subset of the axes one per group of devices along them (the SAM "
+      "authors' inner_group_size: axis_name=('outer', 'inner'), sync_perturbation='inner')."
     )
+  return tuple(a for a in names if a in chosen)

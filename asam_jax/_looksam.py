@@ -11,10 +11,10 @@ import optax
 from optax._src import numerics
 
 from asam_jax import _validation
-from asam_jax._ascent import Ascent, ScalarOrSchedule, check_call, make_ascent
+from asam_jax._ascent import Ascent, ScalarOrSchedule, make_ascent
 from asam_jax._masks import Mask
-from asam_jax._norms import inner_products
-from asam_jax._sam import SAMState, init, like, next_state
+from asam_jax._norms import combination, inexact_leaves, inner_products, projection
+from asam_jax._sam import SAMState, ascend, fresh_state, like, next_state, unscale
 
 
 class LookSAMState(NamedTuple):
@@ -35,25 +35,19 @@ class LookSAMState(NamedTuple):
 
 def _orthogonal_part(g, g_s, layout):
   """``g_v = g_s - (<g, g_s> / ||g||^2) g``."""
-  g_leaves = jax.tree.leaves(g)
-  (cross, norm), (s_g, s_s) = inner_products(
-    [g_leaves, jax.tree.leaves(g_s)], [(0, 1), (0, 0)], layout, range(len(g_leaves))
-  )
-  c = jnp.where(norm > 0, cross / norm, 0) * (s_g / s_s)
-  return jax.tree.map(lambda s, x: (s - c * x).astype(s.dtype), g_s, g)
+  c = projection(g_s, g, layout)
+  return jax.tree.map(lambda s, x: combination(1, s, -c, x), g_s, g)
 
 
 def _reuse(g, g_v, alpha, layout):
   """``g + alpha (||g|| / ||g_v||) g_v``."""
-  g_leaves = jax.tree.leaves(g)
-  (gg, vv), (s_g, s_v) = inner_products(
-    [g_leaves, jax.tree.leaves(g_v)], [(0, 0), (1, 1)], layout, range(len(g_leaves))
-  )
+  (g_leaves, v_leaves), indices = inexact_leaves(g, g_v)
+  (gg, vv), (s_g, s_v) = inner_products([g_leaves, v_leaves], [(0, 0), (1, 1)], layout, indices)
   # Two roots, not the root of a ratio, which can overflow where they do not.
   scale = (
     alpha * jnp.where(vv > 0, jnp.sqrt(gg) / jnp.sqrt(jnp.where(vv > 0, vv, 1)), 0) * (s_v / s_g)
   )
-  return jax.tree.map(lambda x, v: (x + scale * v).astype(x.dtype), g, g_v)
+  return jax.tree.map(lambda x, v: combination(1, x, scale, v), g, g_v)
 
 
 def _update(
@@ -65,6 +59,7 @@ def _update(
   params: optax.Params | None = None,
   *,
   loss_fn: Any = None,
+  loss_scale: Any = None,
   full_step: bool | None = None,
   **extra_args: Any,
 ) -> tuple[optax.Updates, LookSAMState]:
@@ -75,21 +70,20 @@ def _update(
       "when the step is traced. Compile one step with full_step=True and one with "
       "full_step=False, and call the first every k-th step."
     )
-  if full_step is not False:
-    check_call(ascent.who, loss_fn, params)
-  layout = ascent.layout(params, updates)
-  g = layout.ascent_gradient(updates)
   alpha = _validation.guard(alpha, jnp.float32)
 
   def full(sam_state, _):
-    loss, g_s, reached = ascent.climb(g, params, sam_state.count, loss_fn, layout)
+    up = ascend(ascent, updates, params, loss_fn, sam_state.count, loss_scale=loss_scale)
     # Per device and then averaged, like GSAM; with sync, from the global g and g_s.
-    out, g_v = layout.finish((g_s, _orthogonal_part(g, g_s, layout)))
+    g_v = _orthogonal_part(up.grads, up.perturbed_grads, up.layout)
+    out, g_v = up.layout.finish((up.perturbed_grads, g_v))
     return like(out, updates), LookSAMState(
-      next_state(sam_state, layout, loss, reached), like(g_v, state.orthogonal)
+      next_state(sam_state, up.layout, up.loss, up.reached), like(g_v, state.orthogonal)
     )
 
   def reuse(sam_state, g_v):
+    layout = ascent.layout(params, updates)
+    g = layout.ascent_gradient(updates if loss_scale is None else unscale(updates, loss_scale))
     out = layout.finish(_reuse(g, g_v, alpha, layout))
     sam_state = sam_state._replace(count=numerics.safe_increment(sam_state.count))
     return like(out, updates), LookSAMState(sam_state, g_v)
@@ -110,7 +104,7 @@ def looksam(
   adaptive_mask: Mask | None = None,
   perturb_mask: Mask | None = None,
   axis_name: Any = None,
-  sync_perturbation: bool = False,
+  sync_perturbation: Any = False,
   has_aux: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """LookSAM: a full SAM step every ``k`` steps, its orthogonal gradient reused in between.
@@ -182,7 +176,7 @@ def looksam(
     "looksam",
     rho,
     eta,
-    adaptive=adaptive,
+    geometry="adaptive" if adaptive else "euclidean",
     eps=eps,
     adaptive_mask=adaptive_mask,
     perturb_mask=perturb_mask,
@@ -192,7 +186,7 @@ def looksam(
   )
 
   def init_fn(params):
-    return LookSAMState(init(ascent, params), jax.tree.map(jnp.zeros_like, params))
+    return LookSAMState(fresh_state(ascent, params), jax.tree.map(jnp.zeros_like, params))
 
   return optax.GradientTransformationExtraArgs(
     init_fn, functools.partial(_update, ascent, k, alpha)

@@ -55,7 +55,7 @@ def _update_fn(step, *, rho, eps, axis_name, who):
   """Momentum-SAM's update around ``step(g, state, params) -> (m, nu, unperturbed update)``."""
 
   def update_fn(updates, state, params=None):
-    layout = resolve(who, axis_name, False, params if params is not None else updates, updates)
+    layout = resolve(who, axis_name, (), params if params is not None else updates, updates)
     # The perturbation follows the replicated momentum, so with axis_name
     # this is one device with the whole batch.
     g = layout.mean(updates)

@@ -1,12 +1,21 @@
-"""Sums of squares and inner products over pytrees that neither overflow nor underflow.
+"""Sums over pytrees that neither overflow nor underflow, at the cost of plain ones.
 
 Every normalization in the library divides by a norm, and a sum of squares in
 float32 overflows once an entry passes ~1.8e19 and underflows below ~1e-19,
 where SAM's perturbation would silently collapse to zero. The sums here are
-taken directly (the fast path, one pass per sum) and checked; only when a
-check fails are they retaken, under ``lax.cond``, from vectors rescaled by a
-power of two of their largest entry, which is exact. So the common case costs
-what an unguarded sum costs, and the rare one stays right.
+taken directly, one reduction per leaf (the fast path, what an unguarded norm
+costs), and checked once for the whole tree; only when the check fails are
+they retaken under ``lax.cond``, from every leaf concatenated into one vector
+rescaled by a power of two of its largest entry, which is exact. So the common
+case costs a plain sum, the compiled program holds each leaf's reduction once,
+and the rare case stays right at the price of one copy of the vectors.
+
+Two details keep the compiled program at optax's size. The leaves read by the
+fast sums pass through one optimization barrier, so that XLA does not merge
+their ``T g`` with the element-wise pass that follows and write it out. And
+what every leaf's later pass reads (the norm, the divisor, the radius) comes
+out of the conditional, where XLA would otherwise copy its scalar arithmetic
+into each leaf's fusion.
 
 Under ``vmap`` with a batched predicate ``lax.cond`` becomes a select, so
 there both paths run.
@@ -14,7 +23,7 @@ there both paths run.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import chex
@@ -22,20 +31,16 @@ import jax
 import jax.numpy as jnp
 
 from asam_jax._layout import Layout
+from asam_jax._varying import barrier
+
+# The fast path accepts a sum at least 2^66 times the smallest normal number:
+# terms below that flush to zero, and n of them change the sum by < n 2^-66.
+_SAFE_MARGIN = 66
 
 
 def accumulation_dtype(x: Any) -> jnp.dtype:
   """The dtype sums are taken in: at least float32, float64 under x64 for float64 leaves."""
   return jnp.promote_types(jnp.result_type(x), jnp.float32)
-
-
-def lowest_safe_sum(dtype: Any) -> float:
-  """The smallest sum of squares (or of ``|x|^q``) the fast path accepts.
-
-  Terms below the smallest normal number flush to zero; above this bound,
-  the ``n`` lost terms change the sum by less than ``n * 2**-66``.
-  """
-  return float(jnp.finfo(dtype).tiny) * 2.0**66
 
 
 def pow2_inverse(largest: chex.Array) -> chex.Array:
@@ -51,12 +56,9 @@ def pow2_inverse(largest: chex.Array) -> chex.Array:
   return jnp.ldexp(jnp.ones_like(largest), 2 - exponent)
 
 
-def safe(*sums: chex.Array) -> chex.Array:
-  """Whether sums of squares are finite and far enough above underflow to trust."""
-  ok = jnp.array(True)
-  for s in sums:
-    ok = ok & jnp.isfinite(s) & (s >= lowest_safe_sum(s.dtype))
-  return ok
+def safe(total: chex.Array) -> chex.Array:
+  """Whether a sum of squares (or of ``|x|^q``) is finite and far enough above underflow to trust."""
+  return jnp.isfinite(total) & (total >= float(jnp.finfo(total.dtype).tiny) * 2.0**_SAFE_MARGIN)
 
 
 def _varying(x: Any) -> frozenset[Any]:
@@ -72,35 +74,138 @@ def _vary(x: chex.Array, axes: frozenset[Any]) -> chex.Array:
   return jax.lax.pcast(x, missing, to="varying") if missing else x
 
 
-def guarded(ok: chex.Array, fast: Any, slow: Any, operands: Any) -> Any:
-  """``fast`` where ``ok``, else ``slow(operands)``, which only runs then.
+def guarded(
+  ok: chex.Array, fast: Callable[[], Any], slow: Callable[[Any], Any], operands: Any
+) -> Any:
+  """``fast()`` where ``ok``, else ``slow(operands)``, which only runs then.
 
   Inside ``shard_map`` both must vary over the same axes, so each output is
   cast to vary over every axis that either of its two versions varies over.
   """
+  fast_types = jax.eval_shape(fast)
   slow_types = jax.eval_shape(slow, operands)
-  axes = jax.tree.map(lambda x, t: _varying(x) | _varying(t), fast, slow_types)
-  fast = jax.tree.map(_vary, fast, axes)
+  axes = jax.tree.map(lambda x, t: _varying(x) | _varying(t), fast_types, slow_types)
   return jax.lax.cond(
-    ok, lambda _: fast, lambda ops: jax.tree.map(_vary, slow(ops), axes), operands
+    ok,
+    lambda _: jax.tree.map(_vary, fast(), axes),
+    lambda ops: jax.tree.map(_vary, slow(ops), axes),
+    operands,
   )
 
 
-def _sums(vectors, scales, pairs, layout, leaves):
-  def product(x, y, i, j, tag):
-    # Rescaled, x and y are expressions that XLA would write out once for all
-    # the sums that read them, and a scale it would broadcast to full size:
-    # through a barrier per sum, each sum stays one pass that reads x and y.
-    x, y, sx, sy, _ = jax.lax.optimization_barrier((x, y, scales[i], scales[j], jnp.int32(tag)))
-    return jnp.sum((x.astype(sx.dtype) * sx) * (y.astype(sy.dtype) * sy))
+Term = tuple[chex.Array, Callable[[chex.Array], chex.Array] | None, Any]
+"""One leaf of a scaled vector: ``(d, scale, operand)``, the leaf ``scale(operand) d``."""
 
-  return [
-    layout.sum(
-      [product(x, y, i, j, tag) for x, y in zip(vectors[i], vectors[j])],
-      leaves,
-    )
-    for tag, (i, j) in enumerate(pairs)
-  ]
+
+def _value(term: Term, dtype: Any) -> chex.Array:
+  d, scale, operand = term
+  d = d.astype(dtype)
+  return d if scale is None else scale(operand) * d
+
+
+def _groups(
+  layout: Layout, leaves: Sequence[int], keys: Sequence[Any]
+) -> list[tuple[Any, list[int]]]:
+  """The positions of ``leaves`` grouped by each leaf's shard axes and ``keys``."""
+  groups: dict[tuple[Any, Any], list[int]] = {}
+  for k, (i, key) in enumerate(zip(leaves, keys)):
+    axes = layout.shard_axes[i] if layout.shard_axes else ()
+    groups.setdefault((axes, key), []).append(k)
+  return [(axes, positions) for (axes, _), positions in groups.items()]
+
+
+def _flat(arrays: Sequence[chex.Array], positions: Sequence[int]) -> chex.Array:
+  """The arrays at ``positions`` as one vector (the slow path's only copy), or the one array."""
+  if len(positions) == 1:
+    return arrays[positions[0]]
+  return jnp.concatenate([jnp.ravel(arrays[k]) for k in positions])
+
+
+def _apart(x: chex.Array) -> bool:
+  """Whether ``x`` is sharded under jax's explicit mode, where it cannot join a concatenation."""
+  spec = getattr(jax.typeof(x).sharding, "spec", None)
+  return spec is not None and any(s is not None for s in spec)
+
+
+def _reduce_groups(values, axes, reduce, collective, combine):
+  """``reduce`` over every group's vector, over its shard axes (``collective``), then ``combine``d."""
+  totals = []
+  for a, vector in zip(axes, values):
+    total = reduce(vector)
+    totals.append(collective(total, a) if a else total)
+  return totals[0] if len(totals) == 1 else combine(jnp.stack(totals))
+
+
+def _abs_max(x: chex.Array) -> chex.Array:
+  return jnp.max(jnp.abs(x), initial=0)
+
+
+def power_sum(
+  terms: Sequence[Term],
+  layout: Layout,
+  leaves: Sequence[int],
+  dtype: Any,
+  post: Callable[[chex.Array, chex.Array], Any],
+  *,
+  power: float,
+) -> Any:
+  """``post(S, s)`` with ``S = sum |x s|^q`` over a scaled vector's leaves and ``s`` a power of two.
+
+  Args:
+    terms: the vector's leaves, each ``(d, scale, operand)`` for
+      ``scale(operand) d``: the fast sums read ``d`` and ``operand`` through
+      the barrier, and the slow path concatenates the ``d`` and the operands
+      of the leaves that share a ``scale`` and applies it once.
+    layout: sums each leaf's part over the shards of that leaf.
+    leaves: the indices of the vector's leaves among the flattened params.
+    dtype: the dtype the sums are taken in.
+    post: ``(S, s) -> scalars``, what the later passes read; ``s`` is 1
+      unless the plain sum was out of range.
+    power: ``q`` > 0.
+
+  Returns:
+    ``post(S, s)``.
+  """
+  reduce = (
+    (lambda x: jnp.sum(jnp.square(x))) if power == 2 else lambda x: jnp.sum(jnp.abs(x) ** power)
+  )
+  arrays = [(d, operand) for d, _, operand in terms]
+  read = barrier(arrays)
+  fast = layout.sum(
+    [reduce(_value((d, t[1], op), dtype)) for (d, op), t in zip(read, terms)], leaves
+  )
+  # Leaves sharded by explicit-mode jit stay apart, each reduced on its own.
+  groups = _groups(
+    layout, leaves, [k if _apart(d) else id(scale) for k, (d, scale, _) in enumerate(terms)]
+  )
+
+  def slow(arrays):
+    axes, flat = [], []
+    for a, positions in groups:
+      scale = terms[positions[0]][1]
+      operand = None if scale is None else _flat([op for _, op in arrays], positions)
+      flat.append(_value((_flat([d for d, _ in arrays], positions), scale, operand), dtype))
+      axes.append(a)
+    s = pow2_inverse(_reduce_groups(flat, axes, _abs_max, jax.lax.pmax, jnp.max))
+    return post(_reduce_groups([v * s for v in flat], axes, reduce, jax.lax.psum, jnp.sum), s)
+
+  return guarded(safe(fast), lambda: post(fast, jnp.ones([], dtype)), slow, arrays)
+
+
+def largest(
+  terms: Sequence[Term],
+  layout: Layout,
+  leaves: Sequence[int],
+  dtype: Any,
+  post: Callable[[chex.Array], Any],
+) -> Any:
+  """``post(max |x|)`` over a scaled vector's leaves; a maximum neither overflows nor underflows."""
+  read = barrier([(d, operand) for d, _, operand in terms])
+  top = layout.max(
+    [_abs_max(_value((d, t[1], op), dtype)) for (d, op), t in zip(read, terms)], leaves
+  )
+  # Through the barrier too: the later passes read post's scalars, not their arithmetic.
+  return barrier(post(top))
 
 
 def inner_products(
@@ -108,8 +213,9 @@ def inner_products(
   pairs: Sequence[tuple[int, int]],
   layout: Layout,
   leaves: Sequence[int],
-) -> tuple[list[chex.Array], list[chex.Array]]:
-  """Inner products of pytree vectors as ``<x, y> = s_x s_y S_xy``, safely.
+  post: Callable[[list[chex.Array], list[chex.Array]], Any] | None = None,
+) -> Any:
+  """Inner products of pytree vectors as ``<x, y> = S_xy / (s_x s_y)``, safely.
 
   Args:
     vectors: each a list of leaves, all with the same shapes.
@@ -118,26 +224,77 @@ def inner_products(
       fast path to be taken; the others must be finite.
     layout: sums each leaf's part over the shards of that leaf.
     leaves: the indices of the vectors' leaves among the flattened params.
+    post: ``(S, s) -> scalars`` to compute in the conditional; by default
+      ``(S, s)`` themselves.
 
   Returns:
-    ``(S, s)``: the inner products of the rescaled vectors, one per pair, and
-    each vector's scale (1 on the fast path, a power of two otherwise), so
-    that ``<x, y> = S_xy / (s_x s_y)``. Form ratios from ``S`` and ``s``
-    rather than that product, which can overflow where a ratio does not.
+    ``post(S, s)``: the inner products of the rescaled vectors, one per pair,
+    and each vector's scale (1 on the fast path, a power of two otherwise), so
+    that ``<x, y> = S_xy / (s_x s_y)``. Form ratios from ``S`` and ``s`` rather
+    than that product, which can overflow where a ratio does not.
   """
+  post = post or (lambda sums, scales: (sums, scales))
   dtype = jnp.result_type(*[accumulation_dtype(x) for v in vectors for x in v])
+
+  def product(x, y):
+    # Re(conj(x) y): a complex leaf counts as its real and imaginary parts.
+    return jnp.sum(jnp.real(jnp.conj(x) * y))
+
+  read = barrier(list(vectors))
+  fast = [
+    layout.sum(
+      [product(x.astype(dtype), y.astype(dtype)) for x, y in zip(read[i], read[j])], leaves
+    )
+    for i, j in pairs
+  ]
+  ok = jnp.array(True)
+  for total, (i, j) in zip(fast, pairs):
+    ok = ok & (safe(total) if i == j else jnp.isfinite(total))
   ones = [jnp.ones([], dtype)] * len(vectors)
-  fast = _sums(vectors, ones, pairs, layout, leaves)
-  ok = safe(*[s for s, (i, j) in zip(fast, pairs) if i == j])
-  for s, (i, j) in zip(fast, pairs):
-    if i != j:
-      ok = ok & jnp.isfinite(s)
 
   def slow(vectors):
-    scales = [
-      pow2_inverse(layout.max([jnp.max(jnp.abs(x), initial=0).astype(dtype) for x in v], leaves))
-      for v in vectors
+    groups = _groups(layout, leaves, [k if _apart(x) else None for k, x in enumerate(vectors[0])])
+    axes = [a for a, _ in groups]
+    flat = [[_flat(v, positions).astype(dtype) for _, positions in groups] for v in vectors]
+    scales = [pow2_inverse(_reduce_groups(f, axes, _abs_max, jax.lax.pmax, jnp.max)) for f in flat]
+    sums = [
+      _reduce_groups(
+        [jnp.real(jnp.conj(a * scales[i]) * (b * scales[j])) for a, b in zip(flat[i], flat[j])],
+        axes,
+        jnp.sum,
+        jax.lax.psum,
+        jnp.sum,
+      )
+      for i, j in pairs
     ]
-    return _sums(vectors, scales, pairs, layout, leaves), scales
+    return post(sums, scales)
 
-  return guarded(ok, (fast, ones), slow, vectors)
+  return guarded(ok, lambda: post(fast, ones), slow, list(vectors))
+
+
+def inexact_leaves(*trees: Any) -> tuple[list[list[chex.Array]], list[int]]:
+  """The float and complex leaves of each tree, and their indices: ``float0`` leaves drop out."""
+  flat = [jax.tree.leaves(t) for t in trees]
+  keep = [i for i, x in enumerate(flat[0]) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  return [[leaves[i] for i in keep] for leaves in flat], keep
+
+
+def projection(x: Any, onto: Any, layout: Layout) -> chex.Array:
+  """``c = <x, onto> / ||onto||^2``: ``c onto`` is ``x``'s projection on ``onto`` (0 if ``onto = 0``).
+
+  GSAM's and LookSAM's decompositions are all this coefficient.
+  """
+  (xs, os), indices = inexact_leaves(x, onto)
+
+  def coefficient(sums, scales):
+    (cross, norm), (s_x, s_o) = sums, scales
+    return jnp.where(norm > 0, cross / jnp.where(norm > 0, norm, 1), 0) * (s_o / s_x)
+
+  return inner_products([xs, os], [(0, 1), (1, 1)], layout, indices, coefficient)
+
+
+def combination(a: chex.Numeric, x: chex.Array, b: chex.Numeric, y: chex.Array) -> chex.Array:
+  """``a x + b y`` in ``x``'s dtype; a ``float0`` leaf (an integer parameter's) passes."""
+  if not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
+    return x
+  return (a * x + b * y).astype(x.dtype)

@@ -10,12 +10,9 @@ import jax.numpy as jnp
 import optax
 from optax._src import numerics
 
-from asam_jax import _validation
-from asam_jax._ascent import ScalarOrSchedule, check_call, value_and_grad_at, value_at
-from asam_jax._layout import check_sync, resolve
-from asam_jax._masks import Mask, resolve_masks
-from asam_jax._sam import like
-from asam_jax._sharpness import random_perturbation_with_norm
+from asam_jax._ascent import ScalarOrSchedule, make_ascent
+from asam_jax._masks import Mask
+from asam_jax._sam import ascend, like
 
 
 class RandomSAMState(NamedTuple):
@@ -43,7 +40,7 @@ def random_sam(
   adaptive_mask: Mask | None = None,
   perturb_mask: Mask | None = None,
   axis_name: Any = None,
-  sync_perturbation: bool = False,
+  sync_perturbation: Any = False,
   has_aux: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Average-direction SAM: returns ``grad L(w + eps)``, eps uniform on the rho-sphere.
@@ -77,8 +74,10 @@ def random_sam(
       ``eps`` (the key folded with the device's index), so one step averages
       as many directions as there are devices. The state's key stays
       replicated.
-    sync_perturbation: with ``axis_name``, every device draws the same
-      ``eps``: one device with the whole batch.
+    sync_perturbation: with ``axis_name``, ``True`` makes every device draw
+      the same ``eps`` (one device with the whole batch); an axis name or tuple
+      of names among ``axis_name`` makes every group of devices along them
+      draw one.
     has_aux: ``loss_fn`` returns ``(loss, aux)``; the ``aux`` is dropped.
 
   Returns:
@@ -99,42 +98,51 @@ def random_sam(
     Wen, Ma and Li, How Does Sharpness-Aware Minimization Minimize Sharpness?,
     ICLR 2023, Table 1 (the average-direction sharpness-aware loss).
   """
-  _validation.check_nonnegative("rho", rho)
-  _validation.check_nonnegative("eta", eta)
-  check_sync(axis_name, sync_perturbation)
   is_array = isinstance(key, jax.Array)
   is_typed_key = is_array and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
   is_raw_key = is_array and key.dtype == jnp.uint32 and key.shape[-1:] == (2,)
   if not (is_typed_key or is_raw_key):
     raise TypeError(f"key must be a jax PRNG key, e.g. jax.random.key(0), got {key!r}.")
+  ascent = make_ascent(
+    "random_sam",
+    rho,
+    eta,
+    geometry="adaptive" if adaptive else "euclidean",
+    adaptive_mask=adaptive_mask,
+    perturb_mask=perturb_mask,
+    axis_name=axis_name,
+    sync_perturbation=sync_perturbation,
+    has_aux=has_aux,
+  )
 
   def init_fn(params):
-    # Masks are checked against the parameters here, before any tracing.
-    resolve_masks(params, adaptive=adaptive, adaptive_mask=adaptive_mask, perturb_mask=perturb_mask)
+    ascent.check_params(params)
     zero = jnp.zeros([], jnp.float32)
     return RandomSAMState(jnp.zeros([], jnp.int32), key, zero, zero)
 
-  def update_fn(updates, state, params=None, *, loss_fn=None, **extra_args):
+  def update_fn(updates, state, params=None, *, loss_fn=None, loss_scale=None, **extra_args):
     del extra_args
-    check_call("random_sam", loss_fn, params)
-    # The incoming gradient is only a placeholder (params will do), so it is not checked.
-    layout = resolve("random_sam", axis_name, sync_perturbation, params)
     next_key, draw = jax.random.split(state.key)
-    if layout.data_axes and not sync_perturbation:
-      draw = jax.random.fold_in(draw, jax.lax.axis_index(layout.data_axes))
-    eps, reached = random_perturbation_with_norm(
-      draw,
+
+    def sphere(ball):
+      # One draw per device, or per group of devices along the synced axes.
+      apart = tuple(a for a in ball.layout.data_axes if a not in ball.layout.sync_axes)
+      key = jax.random.fold_in(draw, jax.lax.axis_index(apart)) if apart else draw
+      return ball.random_directions(key)
+
+    # The incoming gradient only stands for the params' structure: params will do.
+    up = ascend(
+      ascent,
+      updates,
       params,
-      rho=value_at(rho, state.count),
-      eta=value_at(eta, state.count),
-      adaptive=adaptive,
-      adaptive_mask=adaptive_mask,
-      perturb_mask=perturb_mask,
-      layout=layout,
+      loss_fn,
+      state.count,
+      loss_scale=loss_scale,
+      clean=False,
+      first=sphere,
     )
-    loss, grads = value_and_grad_at(loss_fn, has_aux, params, eps, layout)
-    stats = layout.mean((loss.astype(jnp.float32), reached.astype(jnp.float32)))
-    new_state = RandomSAMState(numerics.safe_increment(state.count), next_key, *stats)
-    return like(layout.mean(grads), updates), new_state
+    loss, reached = up.layout.mean((up.loss.astype(jnp.float32), up.reached.astype(jnp.float32)))
+    new_state = RandomSAMState(numerics.safe_increment(state.count), next_key, loss, reached)
+    return like(up.layout.finish(up.perturbed_grads), updates), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

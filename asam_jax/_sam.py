@@ -1,8 +1,13 @@
-"""SAM and ASAM as optax gradient transformations that take a loss closure."""
+"""SAM and ASAM as optax gradient transformations that take a loss closure.
+
+:func:`ascend` is the two-pass step every closure-based variant shares: it
+checks the call, resolves the devices, builds the ball at ``w`` and climbs to
+``w + eps``. A variant hands it a direction, a radius factor or its own last
+pass, and combines the two gradients it returns (:class:`SAMUpdate`).
+"""
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -18,7 +23,7 @@ from asam_jax._masks import Mask
 
 
 class SAMState(NamedTuple):
-  """State of :func:`sam` and :func:`asam`.
+  """State of :func:`sam`, :func:`asam` and the variants built like them.
 
   Attributes:
     count: the number of updates so far; schedules for ``rho`` and ``eta`` are
@@ -29,9 +34,11 @@ class SAMState(NamedTuple):
     perturbation_norm: ``||T^-1 eps||_p``, the radius the last perturbation
       reached in the ball's own norm (``||eps||_2`` for SAM with p = 2):
       ``rho`` for any nonzero gradient, 0 for a zero one, NaN for a
-      non-finite one; averaged like ``perturbed_loss``. It is free, where
-      ASAM's ``||eps||_2`` would cost a pass over the weights; compute that
-      with :func:`asam_jax.perturbation` if you need it.
+      non-finite one; averaged like ``perturbed_loss``. For params stored
+      below float32 it is the radius left after ``w + eps`` is rounded to their
+      dtype. It is free otherwise, where ASAM's ``||eps||_2`` would cost a pass
+      over the weights; compute that with :func:`asam_jax.perturbation` if you
+      need it.
   """
 
   count: chex.Array
@@ -39,14 +46,14 @@ class SAMState(NamedTuple):
   perturbation_norm: chex.Array
 
 
-def init(ascent: Ascent, params: Any) -> SAMState:
+def fresh_state(ascent: Ascent, params: Any) -> SAMState:
   """The state of a fresh SAM-type transformation."""
   ascent.check_params(params)
   zero = jnp.zeros([], jnp.float32)
   return SAMState(jnp.zeros([], jnp.int32), zero, zero)
 
 
-def next_state(state: SAMState, layout: Any, loss: chex.Array, reached: chex.Array) -> SAMState:
+def next_state(state: SAMState, layout: Layout, loss: chex.Array, reached: chex.Array) -> SAMState:
   """The state after an update: the count advanced, the diagnostics averaged over devices."""
   stats = layout.mean((loss.astype(jnp.float32), reached.astype(jnp.float32)))
   return SAMState(numerics.safe_increment(state.count), *stats)
@@ -57,56 +64,129 @@ def like(tree: Any, reference: Any) -> Any:
   return jax.tree.map(lambda x, r: x.astype(jnp.result_type(r)), tree, reference)
 
 
-def update(
+class Ascended(NamedTuple):
+  """What :func:`ascend` returns: the two gradients, the perturbed loss, the radius, the devices."""
+
+  grads: Any
+  perturbed_grads: Any
+  loss: chex.Array
+  reached: chex.Array
+  layout: Layout
+
+
+def ascend(
   ascent: Ascent,
-  direction: Callable[[Any, Any, Layout], Any] | None,
-  updates: optax.Updates,
-  state: SAMState,
-  params: optax.Params | None = None,
+  updates: Any,
+  params: Any,
+  loss_fn: Any,
+  count: chex.Array,
   *,
-  loss_fn: Any = None,
-  **extra_args: Any,
-) -> tuple[optax.Updates, SAMState]:
-  """The update of SAM and of the variants that combine its two gradients.
+  loss_scale: chex.Numeric | None = None,
+  clean: bool = True,
+  **climb: Any,
+) -> Ascended:
+  """The two-pass step: the clean gradient ``g``, and the loss and gradient at ``w + eps``.
 
   Args:
     ascent: the perturbation and the devices.
-    direction: ``(g, g_p, layout) -> update`` from the clean gradient and the
-      one at ``w + eps`` (GSAM's); ``None`` returns ``g_p``: SAM.
-    updates, state, params: as optax's ``update`` takes them.
+    updates: the clean gradient, as ``update`` received it.
+    params: the weights ``w``.
     loss_fn: the loss closure.
-    **extra_args: ignored.
+    count: the step the schedules are evaluated at.
+    loss_scale: the factor ``loss_fn`` multiplies the loss by (dynamic loss
+      scaling): the gradients it gives, and ``updates``, are divided by it.
+    clean: ``updates`` is the clean gradient; ``False`` where it only stands
+      for the params' structure (random SAM), so it is neither checked nor used.
+    **climb: passed to :meth:`Ascent.climb` (a direction, a radius factor,
+      the last pass).
 
   Returns:
-    The update, averaged over the devices, and the new state.
+    :class:`Ascended`: ``g`` (through ``layout.ascent_gradient``) and ``g_p``
+    (through ``layout.perturbed_gradient``), both unscaled.
   """
-  del extra_args
   check_call(ascent.who, loss_fn, params)
-  layout = ascent.layout(params, updates)
-  g = layout.ascent_gradient(updates)
-  loss, g_p, reached = ascent.climb(g, params, state.count, loss_fn, layout)
-  # With sync, from the global g and g_p; otherwise per device, then averaged.
-  out = g_p if direction is None else direction(g, g_p, layout)
-  return like(layout.finish(out), updates), next_state(state, layout, loss, reached)
+  layout = ascent.layout(params, updates if clean else None)
+  plain = (lambda t: t) if loss_scale is None else lambda t: unscale(t, loss_scale)
+  g = plain(layout.ascent_gradient(updates)) if clean else params
+  ball = ascent.ball(params, g, count, layout)
+  loss, g_p, reached = ascent.climb(ball, g, loss_fn, **climb)
+  return Ascended(g, plain(g_p), plain(loss), reached, layout)
+
+
+def unscale(tree: Any, scale: chex.Numeric) -> Any:
+  """``tree`` divided by a loss scale, leaf by leaf in its dtype; ``float0`` leaves pass."""
+
+  def divide(x):
+    if not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
+      return x
+    return (x / jnp.asarray(scale, jnp.float32)).astype(jnp.result_type(x))
+
+  return jax.tree.map(divide, tree)
+
+
+class SAMUpdate(NamedTuple):
+  """The ``update`` of SAM and of the variants that combine its two gradients.
+
+  Its fields are the transformation's settings, readable where
+  :func:`asam_jax.alternating` needs them.
+
+  Attributes:
+    ascent: the perturbation and the devices.
+    combine: ``(g, g_p, layout) -> update`` from the clean gradient and the
+      one at ``w + eps`` (GSAM's); ``None`` returns ``g_p``: SAM.
+  """
+
+  ascent: Ascent
+  combine: Callable[[Any, Any, Layout], Any] | None = None
+
+  def __call__(
+    self,
+    updates: optax.Updates,
+    state: SAMState,
+    params: optax.Params | None = None,
+    *,
+    loss_fn: Any = None,
+    loss_scale: chex.Numeric | None = None,
+    **extra_args: Any,
+  ) -> tuple[optax.Updates, SAMState]:
+    """One update: ``grad L(w + eps)`` (or its combination with ``g``), averaged over the devices.
+
+    Args:
+      updates: the clean gradient.
+      state: the transformation's state.
+      params: the weights.
+      loss_fn: the loss closure ``params -> loss`` over the current batch.
+      loss_scale: with dynamic loss scaling, the factor ``loss_fn`` and
+        ``updates`` are scaled by; the update and the state come out unscaled.
+      **extra_args: ignored.
+
+    Returns:
+      The update, in the dtypes of ``updates``, and the new state.
+    """
+    del extra_args
+    up = ascend(self.ascent, updates, params, loss_fn, state.count, loss_scale=loss_scale)
+    # With sync, from the global g and g_p; otherwise per device, then averaged.
+    out = up.perturbed_grads if self.combine is None else self.combine(*up[:2], up.layout)
+    return like(up.layout.finish(out), updates), next_state(state, up.layout, up.loss, up.reached)
 
 
 def transformation(
-  ascent: Ascent, direction: Callable[[Any, Any, Layout], Any] | None = None
+  ascent: Ascent, combine: Callable[[Any, Any, Layout], Any] | None = None
 ) -> optax.GradientTransformationExtraArgs:
-  """The transformation of ``ascent``; :func:`asam_jax.alternating` reads SAM's back."""
+  """The transformation of ``ascent``, its settings in ``update.ascent``."""
   return optax.GradientTransformationExtraArgs(
-    functools.partial(init, ascent), functools.partial(update, ascent, direction)
+    lambda params: fresh_state(ascent, params), SAMUpdate(ascent, combine)
   )
 
 
 def ascent_of(tx: Any) -> Ascent:
   """The :class:`Ascent` of a transformation built by :func:`sam` or :func:`asam`."""
-  step = getattr(tx, "update", None)
-  if isinstance(step, functools.partial) and step.func is update and step.args[1] is None:
-    return step.args[0]
+  update = getattr(tx, "update", None)
+  if isinstance(update, SAMUpdate) and update.combine is None:
+    return update.ascent
   raise TypeError(
-    "expected a transformation built by asam_jax.sam or asam_jax.asam (not chained, not "
-    f"wrapped), got {tx!r}. Pass the optimizer that follows SAM separately."
+    "expected a transformation built by asam_jax.sam, asam_jax.asam or asam_jax.fisher_sam "
+    f"(not chained, not wrapped), got {tx!r}. Pass the optimizer that follows it separately."
   )
 
 
@@ -117,7 +197,7 @@ def sam(
   eps: float = 0.0,
   perturb_mask: Mask | None = None,
   axis_name: Any = None,
-  sync_perturbation: bool = False,
+  sync_perturbation: Any = False,
   has_aux: bool = False,
   ascent_steps: int = 1,
   ascent_projection: bool = False,
@@ -140,7 +220,8 @@ def sam(
       or large, and a zero gradient gives ``eps = 0``.
     perturb_mask: which leaves are perturbed, a pytree of bools or a callable of
       params (as ``optax.masked`` takes); the rest keep ``eps = 0`` and stay
-      out of the norm.
+      out of the norm. Integer leaves must be left out; their gradient may be
+      the ``float0`` of ``jax.grad(..., allow_int=True)``.
     axis_name: inside ``pmap``/``shard_map`` (or ``vmap``, see
       :func:`asam_jax.grouped_update`), the data-parallel device axis, or a
       tuple of axes, over which params are replicated. Each device perturbs
@@ -150,8 +231,11 @@ def sam(
       summed over the devices is refused. Params *sharded* over a
       ``shard_map`` axis (FSDP) need no ``axis_name`` for it: their norms are
       summed over the shards, which is global SAM.
-    sync_perturbation: with ``axis_name``, average the gradient over the axis
-      before perturbing: one global perturbation instead of one per device.
+    sync_perturbation: ``False`` (each device perturbs with its own gradient),
+      ``True`` (the gradient is averaged over ``axis_name`` first: one global
+      perturbation), or an axis name or tuple of names among ``axis_name``:
+      one perturbation per group of devices along those axes (the SAM authors'
+      ``inner_group_size``).
     has_aux: ``loss_fn`` returns ``(loss, aux)``; the perturbed pass's ``aux``
       is dropped, so the caller keeps the clean pass's (BatchNorm statistics).
     ascent_steps: the number of ascent steps before the descent gradient;
@@ -164,7 +248,8 @@ def sam(
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes
-    ``loss_fn=``, a closure ``params -> scalar loss`` over the current batch.
+    ``loss_fn=``, a closure ``params -> scalar loss`` over the current batch,
+    and optionally ``loss_scale=`` (the README's mixed-precision recipe).
 
   Example:
     >>> import jax, jax.numpy as jnp, numpy as np, optax, asam_jax
@@ -186,8 +271,6 @@ def sam(
     make_ascent(
       "sam",
       rho,
-      0.0,
-      adaptive=False,
       p=p,
       eps=eps,
       perturb_mask=perturb_mask,
@@ -209,7 +292,7 @@ def asam(
   adaptive_mask: Mask | None = None,
   perturb_mask: Mask | None = None,
   axis_name: Any = None,
-  sync_perturbation: bool = False,
+  sync_perturbation: Any = False,
   has_aux: bool = False,
   ascent_steps: int = 1,
   ascent_projection: bool = False,
@@ -247,7 +330,7 @@ def asam(
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes
-    ``loss_fn=``.
+    ``loss_fn=`` (and ``loss_scale=``).
 
   Example:
     >>> import jax, jax.numpy as jnp, numpy as np, optax, asam_jax
@@ -269,7 +352,7 @@ def asam(
       "asam",
       rho,
       eta,
-      adaptive=True,
+      geometry="adaptive",
       p=p,
       eps=eps,
       adaptive_mask=adaptive_mask,

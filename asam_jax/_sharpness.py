@@ -19,116 +19,13 @@ from typing import Any
 import chex
 import jax
 import jax.numpy as jnp
-import optax
 
 from asam_jax import _validation
+from asam_jax._ball import make_ball
 from asam_jax._layout import Layout, shard_axes_of
 from asam_jax._masks import Mask
-from asam_jax._norms import accumulation_dtype
-from asam_jax._perturbation import ball_scale, perturbation, project
-
-
-def random_perturbation(
-  key: chex.PRNGKey,
-  params: Any,
-  *,
-  rho: chex.Numeric,
-  eta: chex.Numeric = 0.0,
-  adaptive: bool = False,
-  adaptive_mask: Mask | None = None,
-  perturb_mask: Mask | None = None,
-) -> Any:
-  """A perturbation drawn uniformly on the sphere ``||T_w^-1 eps||_2 = rho``.
-
-  ``eps = rho T_w z / ||z||_2`` with ``z ~ N(0, I)`` over the perturbed leaves,
-  so that ``T_w^-1 eps`` is uniform on the rho-sphere (the isotropic Gaussian's
-  direction is uniform).
-
-  Args:
-    key: a JAX PRNG key.
-    params: the weights ``w``, a pytree of float arrays.
-    rho: the radius, >= 0.
-    eta: ASAM's offset in ``T_w``, >= 0; ignored unless ``adaptive``.
-    adaptive: whether the sphere is the adaptive one (ASAM) or the plain one.
-    adaptive_mask: which leaves ``T_w`` scales, as in
-      :func:`asam_jax.perturbation`.
-    perturb_mask: which leaves are perturbed; the others get ``eps = 0``.
-
-  Returns:
-    ``eps``, a pytree with the structure and dtypes of ``params``.
-
-  Example:
-    >>> import jax, jax.numpy as jnp, numpy as np, asam_jax
-    >>> e = asam_jax.random_perturbation(jax.random.key(0), {"w": jnp.ones(3)}, rho=0.5)
-    >>> print(np.linalg.norm(e["w"]).round(4))
-    0.5
-
-  References:
-    Wen, Ma and Li, How Does Sharpness-Aware Minimization Minimize Sharpness?,
-    ICLR 2023 (average-direction sharpness).
-  """
-  return random_perturbation_with_norm(
-    key,
-    params,
-    rho=rho,
-    eta=eta,
-    adaptive=adaptive,
-    adaptive_mask=adaptive_mask,
-    perturb_mask=perturb_mask,
-  )[0]
-
-
-def _explicit_sharding(x: chex.Array) -> Any:
-  """``x``'s sharding where jax's explicit sharding mode gives it one, else ``None``."""
-  sharding = jax.typeof(x).sharding
-  mesh = getattr(sharding, "mesh", None)
-  explicit = mesh is not None and any(
-    t == jax.sharding.AxisType.Explicit for t in getattr(mesh, "axis_types", ())
-  )
-  return sharding if explicit else None
-
-
-def random_perturbation_with_norm(
-  key: chex.PRNGKey,
-  params: Any,
-  *,
-  rho: chex.Numeric,
-  eta: chex.Numeric = 0.0,
-  adaptive: bool = False,
-  adaptive_mask: Mask | None = None,
-  perturb_mask: Mask | None = None,
-  layout: Layout | None = None,
-) -> tuple[Any, chex.Array]:
-  """:func:`random_perturbation` and its radius ``||T^-1 eps||_2``: ``rho``, or NaN if invalid.
-
-  Each leaf draws its own normal numbers (under explicit sharding, each device
-  its shard of them; inside ``shard_map``, each shard of a sharded leaf its
-  own), and their norm is global over leaves and shards.
-  """
-  _validation.check_nonnegative("rho", rho)
-  _validation.check_nonnegative("eta", eta)
-  if layout is None:
-    layout = Layout(shard_axes=shard_axes_of(params))
-  t = ball_scale(
-    params, eta=eta, adaptive=adaptive, adaptive_mask=adaptive_mask, perturb_mask=perturb_mask
-  )
-  leaves, treedef = jax.tree.flatten(t)
-  if not leaves:
-    return t, jnp.zeros([], jnp.float32)
-  keys = jax.random.split(key, len(leaves))
-  z = []
-  for i, (k, s) in enumerate(zip(keys, leaves)):
-    if layout.shard_axes and layout.shard_axes[i]:
-      k = jax.random.fold_in(k, jax.lax.axis_index(layout.shard_axes[i]))
-    draw = jax.random.normal(k, s.shape, accumulation_dtype(s), out_sharding=_explicit_sharding(s))
-    # z is zero on leaves that are never perturbed, so they stay out of its norm.
-    z.append(jnp.where(s != 0, draw, 0))
-  squares = layout.sum([jnp.sum(jnp.square(x)) for x in z], range(len(z)))
-  rho = _validation.guard(rho, squares.dtype)
-  # sum(z^2) is near the number of weights: it neither overflows nor underflows.
-  scale = jnp.where(squares > 0, rho / jnp.sqrt(jnp.where(squares > 0, squares, 1)), 0)
-  eps = jax.tree.unflatten(treedef, [(scale * s * x).astype(s.dtype) for s, x in zip(leaves, z)])
-  return eps, rho * (squares > 0)
+from asam_jax._maximizer import real_gradient
+from asam_jax._perturbation import random_perturbation
 
 
 def sharpness(
@@ -206,26 +103,37 @@ def sharpness(
     raise ValueError(f"steps must be an int >= 1, got {steps!r}.")
   step_size = rho / 2 if step_size is None else step_size
   _validation.check_nonnegative("step_size", step_size)
-  ball = dict(eta=eta, adaptive=adaptive, adaptive_mask=adaptive_mask, perturb_mask=perturb_mask)
-  t = ball_scale(params, **ball)
-  layout = Layout(shard_axes=shard_axes_of(params))
-  shift = lambda eps: optax.apply_updates(params, eps)
+  ball = make_ball(
+    params,
+    params,
+    rho=rho,
+    eta=eta,
+    geometry="adaptive" if adaptive else "euclidean",
+    p=p,
+    adaptive_mask=adaptive_mask,
+    perturb_mask=perturb_mask,
+    layout=Layout(shard_axes=shard_axes_of(params)),
+  )
+  step_size = _validation.guard(step_size, ball.dtype)
+
+  def ascent(grads):
+    return [real_gradient(jax.tree.leaves(grads)[i]) for i in ball.chosen]
 
   clean, grads = jax.value_and_grad(loss_fn)(params)
   if key is None:
-    eps = perturbation(grads, params, rho=rho, p=p, **ball)
+    eps = ball.maximizer(ascent(grads))[0]
   else:
-    eps = project(random_perturbation(key, params, rho=rho, **ball), t, rho, p, layout)[0]
+    eps = ball.project(ball.maximizer(ball.random_directions(key), in_ball=True)[0])[0]
 
   def body(_, carry):
     eps, best = carry
-    value, g = jax.value_and_grad(loss_fn)(shift(eps))
-    step = perturbation(g, params, rho=step_size, p=p, **ball)
-    eps = project(jax.tree.map(jnp.add, eps, step), t, rho, p, layout)[0]
+    value, g = jax.value_and_grad(loss_fn)(ball.shift(eps))
+    step = ball.maximizer(ascent(g), rho=step_size)[0]
+    eps = ball.project([a + b for a, b in zip(eps, step)])[0]
     return eps, jnp.maximum(best, value)
 
   eps, best = jax.lax.fori_loop(0, steps, body, (eps, clean))
-  best = jnp.maximum(best, loss_fn(shift(eps)))
+  best = jnp.maximum(best, loss_fn(ball.shift(eps)))
   return best - clean
 
 

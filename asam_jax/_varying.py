@@ -89,3 +89,22 @@ def to_varying(tree: chex.ArrayTree, axis_name: Any) -> chex.ArrayTree:
     return jax.lax.pcast(leaf, missing, to="varying") if missing else leaf
 
   return jax.tree.map(cast, tree)
+
+
+def barrier(tree: Any) -> Any:
+  """``jax.lax.optimization_barrier`` over ``tree``, keeping each leaf's variance.
+
+  Inside ``shard_map`` one barrier over values that vary over different axes
+  makes every output vary over all of them, so the leaves go through one
+  barrier per distinct set of axes.
+  """
+  leaves, treedef = jax.tree.flatten(tree)
+  groups: dict[frozenset[Any], list[int]] = {}
+  for i, x in enumerate(leaves):
+    kind = jax.typeof(x).manual_axis_type
+    groups.setdefault(frozenset() if kind is None else kind.varying, []).append(i)
+  out = list(leaves)
+  for positions in groups.values():
+    for i, x in zip(positions, jax.lax.optimization_barrier([leaves[i] for i in positions])):
+      out[i] = x
+  return jax.tree.unflatten(treedef, out)

@@ -310,7 +310,9 @@ def test_structure_mismatch_and_integer_leaves_are_refused():
   w = {"a": jnp.ones(2), "step": jnp.zeros([], jnp.int32)}
   with pytest.raises(ValueError, match="same tree structure"):
     asam_jax.perturbation({"a": jnp.ones(2)}, w, rho=0.1)
-  with pytest.raises(TypeError, match=r"\['step'\] has dtype int32.*Take it out of the params"):
+  with pytest.raises(
+    TypeError, match=r"\['step'\] has dtype int32.*Leave it out with perturb_mask"
+  ):
     asam_jax.perturbation(w, w, rho=0.1)
   got = asam_jax.perturbation(w, w, rho=0.1, perturb_mask={"a": True, "step": False})
   assert got["step"].dtype == jnp.int32 and int(got["step"]) == 0
