@@ -10,6 +10,7 @@ PyTorch's ``named_parameters()`` (``"conv1.weight"``, ``"bn1.weight"``,
 * :mod:`peers.big_vision_gsam`: google-research/big_vision, GSAM and its trainer.
 * :mod:`peers.msam`: MarlonBecker/MSAM, MSAM, AdamW_MSAM and LookSAM.
 * :mod:`peers.pytorch_optimizer_looksam`: kozistr/pytorch_optimizer, LookSAM.
+* :mod:`peers.fisher_sam`: johnjaejunlee95/torch-unified-SAM-optimization, Fisher SAM.
 
 This module holds what they share: :func:`to_named` and :func:`from_named`,
 which carry the same weights between a Flax/Equinox pytree and a PyTorch-named
