@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from peers import (
   fisher_sam,
+  friendly_sam,
+  global_norm,
   torch_sgd,
   torch_sgd_init,
 )
@@ -79,3 +81,83 @@ def test_fisher_sam_port_by_hand():
   perturbed, old_p = fisher_sam.first_step(w, grad_fn(w), gamma=gamma, eta=eta)
   back = fisher_sam.second_step(perturbed, old_p, grad_fn(perturbed), lambda p, g: p)
   np.testing.assert_array_equal(back["fc.weight"], w["fc.weight"])
+
+
+# --- F-SAM (nblt/F-SAM) ---------------------------------------------------------------
+
+
+def test_friendly_sam_port_by_hand():
+  """Step 1 is SAM and sets m = g; then d = g - sigma m with the previous m, m <- lmbda m + (1 - lmbda) g."""
+  w = {"fc.weight": np.array([1.0, -2.0]), "fc.bias": np.array([0.5])}
+  g1 = {"fc.weight": np.array([0.3, -0.4]), "fc.bias": np.array([1.2])}
+  g2 = {"fc.weight": np.array([0.1, 0.2]), "fc.bias": np.array([-0.3])}
+  rho, sigma, lmbda = 0.2, 0.8, 0.6
+  kw = dict(rho=rho, sigma=sigma, lmbda=lmbda)
+  p1, old_p, state = friendly_sam.first_step(w, g1, friendly_sam.init(), **kw)
+  for n in w:
+    np.testing.assert_allclose(p1[n], w[n] + rho * g1[n] / 1.3, rtol=1e-12)  # ||g1|| = 1.3
+    np.testing.assert_array_equal(state["momentum"][n], g1[n])
+    np.testing.assert_array_equal(old_p[n], w[n])
+  p2, _, state = friendly_sam.first_step(w, g2, state, **kw)
+  d = {n: g2[n] - sigma * g1[n] for n in w}
+  for n in w:
+    np.testing.assert_allclose(p2[n], w[n] + rho * d[n] / global_norm(d), rtol=1e-12)
+    np.testing.assert_allclose(
+      state["momentum"][n], lmbda * g1[n] + (1 - lmbda) * g2[n], rtol=1e-12
+    )
+  # adaptive: eps = rho w^2 d / || |w| d ||.
+  _, _, state = friendly_sam.first_step(w, g1, friendly_sam.init(), **kw)
+  p2, _, _ = friendly_sam.first_step(w, g2, state, adaptive=True, **kw)
+  norm = global_norm({n: np.abs(w[n]) * d[n] for n in w})
+  for n in w:
+    np.testing.assert_allclose(p2[n], w[n] + rho * w[n] ** 2 * d[n] / norm, rtol=1e-12)
+
+  # The full step: weight decay comes from the base SGD at w, after the perturbation.
+  a, lr, wd = np.array([1.0, 3.0]), 0.1, 1e-3
+  x = {"fc.weight": np.array([1.0, -2.0])}
+  x1, state = friendly_sam.step(
+    x, friendly_sam.init(), quadratic(a), sgd_base(lr=lr, momentum=0.9, weight_decay=wd), **kw
+  )
+  g = a * x["fc.weight"]
+  eps = rho * g / np.linalg.norm(g)
+  want = x["fc.weight"] - lr * (a * (x["fc.weight"] + eps) + wd * x["fc.weight"])
+  np.testing.assert_allclose(x1["fc.weight"], want, rtol=1e-12)
+  np.testing.assert_array_equal(state["momentum"]["fc.weight"], g)
+
+
+def test_friendly_sam_paper_order_by_hand():
+  """The paper's m_t = lmbda m_{t-1} + (1 - lmbda) g_t from 0, then d = g - sigma m_t.
+
+  Over one gradient history, with sigma = 1 the paper's d is lmbda (d_code +
+  lmbda^(t-1) g_1): the code's direction plus the trace of m's first value.
+  """
+  rng = np.random.default_rng(0)
+  w = {"a": rng.normal(size=3), "b": rng.normal(size=2)}
+  gs = [{n: rng.normal(size=v.shape) for n, v in w.items()} for _ in range(6)]
+  rho, lmbda = 0.3, 0.9
+  code, paper = friendly_sam.init(), friendly_sam.paper_init(w)
+  for t, g in enumerate(gs, 1):
+    m_before = code["momentum"]
+    pc, _, code = friendly_sam.first_step(w, g, code, rho=rho, sigma=1.0, lmbda=lmbda)
+    pp, _, paper = friendly_sam.paper_first_step(w, g, paper, rho=rho, sigma=1.0, lmbda=lmbda)
+    d_code = {n: g[n] - m_before.get(n, 0.0) for n in w}
+    v = {n: d_code[n] + lmbda ** (t - 1) * gs[0][n] for n in w}
+    for n in w:
+      np.testing.assert_allclose(pc[n] - w[n], rho * d_code[n] / global_norm(d_code), rtol=1e-9)
+      np.testing.assert_allclose(pp[n] - w[n], rho * v[n] / global_norm(v), rtol=1e-9)
+      # The two momenta differ by lmbda^t g_1.
+      want = code["momentum"][n] - lmbda**t * gs[0][n]
+      np.testing.assert_allclose(paper["momentum"][n], want, rtol=1e-9, atol=1e-15)
+    if t == 1:  # d = (1 - (1 - lmbda)) g_1: SAM's direction, as the code's first step.
+      for n in w:
+        np.testing.assert_allclose(pp[n], pc[n], rtol=1e-12)
+  # paper_step runs the same loop from m = 0.
+  x = {"fc.weight": np.array([1.0, -2.0])}
+  x1, state = friendly_sam.paper_step(
+    x, friendly_sam.paper_init(x), quadratic(np.array([1.0, 3.0])), sgd_base(lr=0.1), rho=rho
+  )
+  g = np.array([1.0, -6.0])
+  np.testing.assert_allclose(state["momentum"]["fc.weight"], 0.1 * g, rtol=1e-12)
+  eps = rho * g / np.linalg.norm(g)
+  want = x["fc.weight"] - 0.1 * np.array([1.0, 3.0]) * (x["fc.weight"] + eps)
+  np.testing.assert_allclose(x1["fc.weight"], want, rtol=1e-12)

@@ -11,6 +11,7 @@ PyTorch's ``named_parameters()`` (``"conv1.weight"``, ``"bn1.weight"``,
 * :mod:`peers.msam`: MarlonBecker/MSAM, MSAM, AdamW_MSAM and LookSAM.
 * :mod:`peers.pytorch_optimizer_looksam`: kozistr/pytorch_optimizer, LookSAM.
 * :mod:`peers.fisher_sam`: johnjaejunlee95/torch-unified-SAM-optimization, Fisher SAM.
+* :mod:`peers.friendly_sam`: nblt/F-SAM, F-SAM, and the paper's order beside it.
 
 This module holds what they share: :func:`to_named` and :func:`from_named`,
 which carry the same weights between a Flax/Equinox pytree and a PyTorch-named
