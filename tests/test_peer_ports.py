@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 from peers import (
+  esam,
   fisher_sam,
   friendly_sam,
   global_norm,
@@ -161,3 +162,146 @@ def test_friendly_sam_paper_order_by_hand():
   eps = rho * g / np.linalg.norm(g)
   want = x["fc.weight"] - 0.1 * np.array([1.0, 3.0]) * (x["fc.weight"] + eps)
   np.testing.assert_allclose(x1["fc.weight"], want, rtol=1e-12)
+
+
+# --- ESAM (dydjw9/Efficient_SAM) ------------------------------------------------------
+
+
+def test_esam_data_selection_by_hand():
+  """Their count keeps strictly above the int(n gamma)-th largest sharpness; the paper's int(n gamma)."""
+  s = np.array([0.3, -0.1, 0.5, 0.2, 0.4, 0.0])
+  # position 3: cutoff 0.3, kept > 0.3.
+  np.testing.assert_array_equal(esam.code_kept(s, 0.5), [2, 4])
+  np.testing.assert_array_equal(esam.paper_kept(s, 0.5), [0, 2, 4])
+  # position int(5.88) = 5: cutoff 0.0.
+  np.testing.assert_array_equal(esam.code_kept(s, 0.98), [0, 2, 3, 4])
+  np.testing.assert_array_equal(esam.paper_kept(s, 0.98), [0, 2, 3, 4, 5])
+  # gamma >= 0.99 keeps everything in their code.
+  np.testing.assert_array_equal(esam.code_kept(s, 0.99), np.arange(6))
+  np.testing.assert_array_equal(esam.paper_kept(s, 1.0), np.arange(6))
+  # position 1: the maximum is the cutoff, nothing is strictly above it.
+  assert esam.code_kept(s, 1 / 6).size == 0
+  np.testing.assert_array_equal(esam.paper_kept(s, 1 / 6), [2])
+  # Ties: none kept when all are equal; the paper's count breaks ties by index.
+  assert esam.code_kept(np.ones(4), 0.5).size == 0
+  np.testing.assert_array_equal(esam.paper_kept(np.ones(4), 0.5), [0, 1])
+  with pytest.raises(ValueError, match="IndexError"):
+    esam.code_kept(s, 0.1)
+
+
+def test_esam_weight_selection_by_hand():
+  """A tensor is off where random() > beta; eps over the selected tensors, scaled by 1 / beta."""
+
+  class Draws:
+    def __init__(self, values):
+      self.values = iter(values)
+
+    def random(self):
+      return next(self.values)
+
+  names = ["fc.weight", "fc.bias", "out.weight"]
+  got = esam.draw_selection(names, beta=0.5, rng=Draws([0.7, 0.2, 0.5]))
+  assert got == {"fc.weight": False, "fc.bias": True, "out.weight": True}
+  assert esam.first_selection(names) == dict.fromkeys(names, True)
+
+  w = {"fc.weight": np.array([1.0, -2.0]), "fc.bias": np.array([0.5]), "out.weight": np.ones(2)}
+  g = {
+    "fc.weight": np.array([5.0, 5.0]),
+    "fc.bias": np.array([3.0]),
+    "out.weight": np.array([0, 4.0]),
+  }
+  rho, beta = 0.2, 0.5
+  e = esam.perturbation(w, g, got, rho=rho, beta=beta)
+  np.testing.assert_array_equal(e["fc.weight"], [0.0, 0.0])
+  scale = rho / (5.0 + 1e-7) / beta  # the norm of (3, 0, 4), fc.weight left out
+  np.testing.assert_allclose(e["fc.bias"], 3 * scale, rtol=1e-15)
+  np.testing.assert_allclose(e["out.weight"], [0.0, 4 * scale], rtol=1e-15)
+  assert global_norm(e) == pytest.approx(rho / beta, rel=1e-7)
+  # adaptive: rho w^2 g / (|| |w| g || + 1e-7) / beta over the selected tensors.
+  e = esam.perturbation(w, g, got, rho=rho, beta=beta, adaptive=True)
+  scale = rho / (math.sqrt(1.5**2 + 4**2) + 1e-7) / beta  # |w| g on the selected: (1.5, 0, 4)
+  np.testing.assert_allclose(e["fc.bias"], 0.25 * 3 * scale, rtol=1e-15)
+  np.testing.assert_allclose(e["out.weight"], [0.0, 4 * scale], rtol=1e-15)
+  # Nothing selected: no perturbation (their first backward pass would fail).
+  e = esam.perturbation(w, g, dict.fromkeys(names, False), rho=rho, beta=beta)
+  assert all(not v.any() for v in e.values())
+
+
+def test_esam_softmax_regression_by_hand():
+  """Closed-form cross-entropy and its gradient over a subset, against by-hand values and differences."""
+  x, y = np.array([[2.0], [1.0], [-1.0]]), np.array([0, 1, 1])
+  zero = {"fc.weight": np.zeros((2, 1)), "fc.bias": np.zeros(2)}
+  losses, grad = esam.softmax_regression(x, y)
+  np.testing.assert_allclose(losses(zero), np.full(3, math.log(2)), rtol=1e-15)
+  # p = (1/2, 1/2): example 0 gives (p - e_0) x = (-1, 1), example 2 gives (p - e_1) x = (-1/2, 1/2).
+  g = grad(zero, np.array([0, 2]))
+  np.testing.assert_allclose(g["fc.weight"], [[-0.75], [0.75]], rtol=1e-15)
+  np.testing.assert_allclose(g["fc.bias"], [0.0, 0.0], atol=1e-16)
+  g = grad(zero, np.array([], dtype=int))
+  assert all(not v.any() for v in g.values())
+  # Central differences of the mean loss on a random problem.
+  rng = np.random.default_rng(1)
+  x, y = rng.normal(size=(7, 3)), rng.integers(0, 4, size=7)
+  p = {"fc.weight": rng.normal(size=(4, 3)), "fc.bias": rng.normal(size=4)}
+  losses, grad = esam.softmax_regression(x, y)
+  idx = np.array([1, 4, 5])
+  g = grad(p, idx)
+  for n in p:
+    for i in np.ndindex(p[n].shape):
+      hi, lo = {k: v.copy() for k, v in p.items()}, {k: v.copy() for k, v in p.items()}
+      hi[n][i] += 1e-6
+      lo[n][i] -= 1e-6
+      fd = (losses(hi)[idx].mean() - losses(lo)[idx].mean()) / 2e-6
+      assert g[n][i] == pytest.approx(fd, rel=1e-6, abs=1e-9)
+
+
+def test_esam_step_by_hand():
+  """Sharpness from the per-example losses, the kept examples' gradient at w + eps, SGD at w."""
+  rng = np.random.default_rng(2)
+  x, y = rng.normal(size=(10, 3)), rng.integers(0, 3, size=10)
+  w = {"fc.weight": rng.normal(size=(3, 3)), "fc.bias": rng.normal(size=3)}
+  losses, grad = esam.softmax_regression(x, y)
+  rho, beta, gamma, lr, wd = 0.3, 0.5, 0.5, 0.1, 1e-3
+  selected = {"fc.weight": True, "fc.bias": False}
+  w1, info = esam.step(
+    w,
+    losses,
+    grad,
+    sgd_base(lr=lr, momentum=0.9, weight_decay=wd),
+    selected=selected,
+    rho=rho,
+    beta=beta,
+    gamma=gamma,
+  )
+  g = grad(w, np.arange(10))["fc.weight"]
+  eps = rho / (np.linalg.norm(g) + 1e-7) / beta * g
+  np.testing.assert_allclose(info["perturbation"]["fc.weight"], eps, rtol=1e-15)
+  np.testing.assert_array_equal(info["perturbation"]["fc.bias"], 0.0)
+  perturbed = {"fc.weight": w["fc.weight"] + eps, "fc.bias": w["fc.bias"]}
+  sharpness = losses(perturbed) - losses(w)
+  np.testing.assert_allclose(info["sharpness"], sharpness, rtol=1e-15)
+  order = np.argsort(-sharpness)
+  np.testing.assert_array_equal(info["kept"], np.sort(order[:4]))  # int(10 * 0.5) - 1
+  g2 = grad(perturbed, info["kept"])
+  for n in w:
+    np.testing.assert_allclose(w1[n], w[n] - lr * (g2[n] + wd * w[n]), rtol=1e-12)
+  # beta = gamma = 1: SAM with 1e-7 on the mean loss over every example.
+  w1, info = esam.step(w, losses, grad, sgd_base(lr=lr), selected=esam.first_selection(w), rho=rho)
+  g = grad(w, np.arange(10))
+  scale = rho / (global_norm(g) + 1e-7)
+  g2 = grad({n: w[n] + scale * g[n] for n in w}, np.arange(10))
+  for n in w:
+    np.testing.assert_allclose(w1[n], w[n] - lr * g2[n], rtol=1e-12)
+  # The paper's count: int(10 * 0.5) = 5 examples.
+  _, info = esam.step(
+    w,
+    losses,
+    grad,
+    sgd_base(lr=lr),
+    selected=selected,
+    rho=rho,
+    beta=beta,
+    gamma=gamma,
+    keep=esam.paper_kept,
+  )
+  assert len(info["kept"]) == 5
