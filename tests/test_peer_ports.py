@@ -7,9 +7,11 @@ trusted as references for asam_jax. Nothing here imports asam_jax.
 
 import math
 
+import jax
 import numpy as np
 import pytest
 from peers import (
+  bayesian_sam,
   esam,
   fisher_sam,
   friendly_sam,
@@ -305,3 +307,75 @@ def test_esam_step_by_hand():
     keep=esam.paper_kept,
   )
   assert len(info["kept"]) == 5
+
+
+# --- bSAM (team-approx-bayes/bayesian-sam) --------------------------------------------
+
+
+def test_bayesian_sam_port_by_hand():
+  """One step on a quadratic by hand: noise, unnormalized eps = rho g / s, the mean with the old s."""
+  a, c = np.array([2.0, -1.0]), np.array([0.5, 0.3])
+  w = {"fc.weight": np.array([1.0, -2.0])}
+  noise = {"fc.weight": np.array([0.4, -1.5])}
+  lr, lrf, rho, n_data, b1, b2, wd, damping, s0 = 0.5, 0.7, 0.05, 40.0, 0.9, 0.999, 0.01, 0.1, 2.0
+  state = bayesian_sam.init(w, s_init=s0)
+  kw = dict(learning_rate=lr, lrfactor=lrf, rho=rho, num_data=n_data, b1=b1, b2=b2)
+  w1, state1 = bayesian_sam.step(
+    w, state, [quadratic(a, c)], [noise], weight_decay=wd, damping=damping, **kw
+  )
+  x = w["fc.weight"]
+  theta = x + noise["fc.weight"] / math.sqrt(n_data * s0)
+  g = a * theta + c
+  g_eps = a * (x + rho * g / s0) + c
+  gm = (1 - b1) * (g_eps + wd * x)
+  np.testing.assert_allclose(state1["gm"]["fc.weight"], gm, rtol=1e-13)
+  np.testing.assert_allclose(w1["fc.weight"], x - lr * lrf * gm / s0, rtol=1e-13)
+  s1 = b2 * s0 + (1 - b2) * (math.sqrt(s0) * np.abs(g) + damping + wd)
+  np.testing.assert_allclose(state1["s"]["fc.weight"], s1, rtol=1e-13)
+  # Step 2 divides by s1 (the s updated after step 1), then updates s again.
+  noise2 = {"fc.weight": np.array([-0.2, 0.9])}
+  w2, state2 = bayesian_sam.step(
+    w1, state1, [quadratic(a, c)], [noise2], weight_decay=wd, damping=damping, **kw
+  )
+  x = w1["fc.weight"]
+  g = a * (x + noise2["fc.weight"] / np.sqrt(n_data * s1)) + c
+  gm = b1 * gm + (1 - b1) * (a * (x + rho * g / s1) + c + wd * x)
+  np.testing.assert_allclose(w2["fc.weight"], x - lr * lrf * gm / s1, rtol=1e-13)
+  s2 = b2 * s1 + (1 - b2) * (np.sqrt(s1) * np.abs(g) + damping + wd)
+  np.testing.assert_allclose(state2["s"]["fc.weight"], s2, rtol=1e-13)
+
+  # m = 2 groups: each its own noise and eps; g_eps and sqrt(s g^2) averaged.
+  fns, noises = [quadratic(a, c), quadratic(2 * a, -c)], [noise, noise2]
+  w1, st = bayesian_sam.step(w, state, fns, noises, **kw)
+  each = [
+    bayesian_sam.group_gradients(w, state, f, n, rho=rho, num_data=n_data)
+    for f, n in zip(fns, noises)
+  ]
+  g_eps = (each[0][1]["fc.weight"] + each[1][1]["fc.weight"]) / 2
+  gs = (each[0][0]["fc.weight"] + each[1][0]["fc.weight"]) / 2
+  np.testing.assert_allclose(
+    w1["fc.weight"], w["fc.weight"] - lr * lrf * 0.1 * g_eps / s0, rtol=1e-13
+  )
+  np.testing.assert_allclose(st["s"]["fc.weight"], b2 * s0 + (1 - b2) * (gs + 0.1), rtol=1e-13)
+  with pytest.raises(ValueError, match="noise"):
+    bayesian_sam.step(w, state, fns, [noise], **kw)
+
+
+def test_bayesian_sam_schedule_and_noise():
+  """train.py's lrfactor, and the authors' key splits for the noise."""
+  assert bayesian_sam.lrfactor(0, warmup=5, epochs=180) == pytest.approx(0.2)
+  assert bayesian_sam.lrfactor(4, warmup=5, epochs=180) == pytest.approx(1.0)
+  assert bayesian_sam.lrfactor(5, warmup=5, epochs=180) == 1.0
+  want = 0.5 * (1 + math.cos(math.pi * 175 / 176))
+  assert bayesian_sam.lrfactor(180, warmup=5, epochs=180) == pytest.approx(want, rel=1e-12)
+
+  tree = {"b": np.zeros(2), "a": np.zeros((2, 3))}
+  key = jax.random.PRNGKey(0)
+  draws, next_key = bayesian_sam.noise_like_tree(tree, key, 2)
+  keys = jax.random.split(key, 3)
+  np.testing.assert_array_equal(next_key, keys[2])
+  assert len(draws) == 2
+  for k, draw in enumerate(draws):
+    leaf_keys = jax.random.split(keys[k], 3)  # leaves "a", "b" in the tree's order
+    np.testing.assert_array_equal(draw["a"], jax.random.normal(leaf_keys[1], (2, 3)))
+    np.testing.assert_array_equal(draw["b"], jax.random.normal(leaf_keys[2], (2,)))
