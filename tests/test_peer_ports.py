@@ -16,6 +16,7 @@ from peers import (
   fisher_sam,
   friendly_sam,
   global_norm,
+  google_sam,
   torch_sgd,
   torch_sgd_init,
 )
@@ -379,3 +380,53 @@ def test_bayesian_sam_schedule_and_noise():
     leaf_keys = jax.random.split(keys[k], 3)  # leaves "a", "b" in the tree's order
     np.testing.assert_array_equal(draw["a"], jax.random.normal(leaf_keys[1], (2, 3)))
     np.testing.assert_array_equal(draw["b"], jax.random.normal(leaf_keys[2], (2,)))
+
+
+# --- google-research/sam --------------------------------------------------------------
+
+
+def test_google_sam_replica_groups_and_pmean():
+  """Consecutive groups for k <= 4; pmean averages within each group."""
+  assert google_sam.local_replica_groups(8, 2) == [[0, 1], [2, 3], [4, 5], [6, 7]]
+  assert google_sam.local_replica_groups(8, 4) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+  for k, error in ((3, ValueError), (1, ValueError), (8, NotImplementedError)):
+    with pytest.raises(error):
+      google_sam.local_replica_groups(8, k)
+  with pytest.raises(ValueError, match="divide"):
+    google_sam.local_replica_groups(6, 4)
+  values = [{"w": np.array([float(r)])} for r in range(4)]
+  got = google_sam.pmean(values, [[0, 1], [2, 3]])
+  assert [v["w"][0] for v in got] == [0.5, 0.5, 2.5, 2.5]
+  assert [v["w"][0] for v in google_sam.pmean(values)] == [1.5] * 4
+
+
+def test_google_sam_port_by_hand():
+  """The three sync modes on four quadratic replicas, g_r(w) = a_r w + c_r, by hand."""
+  a = [np.array([1.0, 2.0]), np.array([3.0, -1.0]), np.array([0.5, 0.5]), np.array([2.0, 1.0])]
+  c = [np.array([0.1, -0.2]), np.array([0.0, 0.3]), np.array([-0.4, 0.2]), np.array([0.2, 0.0])]
+  fns = [quadratic(ar, cr) for ar, cr in zip(a, c)]
+  x, rho = np.array([1.0, -2.0]), 0.1
+  w = {"fc.weight": x}
+  g = [ar * x + cr for ar, cr in zip(a, c)]
+
+  def unit(v):
+    return v / np.linalg.norm(v)
+
+  def outer_mean(directions):
+    return np.mean([a[r] * (x + rho * directions[r]) + c[r] for r in range(4)], axis=0)
+
+  want = {
+    (False, None): outer_mean([unit(g[r]) for r in range(4)]),
+    (True, None): outer_mean([unit(np.mean(g, axis=0))] * 4),
+    (True, 2): outer_mean([unit((g[0] + g[1]) / 2)] * 2 + [unit((g[2] + g[3]) / 2)] * 2),
+    (True, 4): outer_mean([unit(np.mean(g, axis=0))] * 4),
+  }
+  for (sync, k), v in want.items():
+    got = google_sam.sam_gradient(fns, w, rho=rho, sync_perturbations=sync, inner_group_size=k)
+    np.testing.assert_allclose(got["fc.weight"], v, rtol=1e-13)
+  # inner_group_size has no effect without sync_perturbations.
+  got = google_sam.sam_gradient(fns, w, rho=rho, inner_group_size=2)
+  np.testing.assert_allclose(got["fc.weight"], want[False, None], rtol=1e-13)
+  # dual_vector has no epsilon: a zero gradient gives NaN.
+  with np.errstate(invalid="ignore"):
+    assert np.isnan(google_sam.dual_vector({"w": np.zeros(2)})["w"]).all()
