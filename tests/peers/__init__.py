@@ -10,6 +10,11 @@ PyTorch's ``named_parameters()`` (``"conv1.weight"``, ``"bn1.weight"``,
 * :mod:`peers.big_vision_gsam`: google-research/big_vision, GSAM and its trainer.
 * :mod:`peers.msam`: MarlonBecker/MSAM, MSAM, AdamW_MSAM and LookSAM.
 * :mod:`peers.pytorch_optimizer_looksam`: kozistr/pytorch_optimizer, LookSAM.
+* :mod:`peers.fisher_sam`: johnjaejunlee95/torch-unified-SAM-optimization, Fisher SAM.
+* :mod:`peers.friendly_sam`: nblt/F-SAM, F-SAM, and the paper's order beside it.
+* :mod:`peers.esam`: dydjw9/Efficient_SAM, ESAM, with a closed-form softmax regression.
+* :mod:`peers.bayesian_sam`: team-approx-bayes/bayesian-sam, bSAM.
+* :mod:`peers.google_sam`: google-research/sam, the data-parallel SAM gradient.
 
 This module holds what they share: :func:`to_named` and :func:`from_named`,
 which carry the same weights between a Flax/Equinox pytree and a PyTorch-named
