@@ -11,6 +11,7 @@ git commit.
 from __future__ import annotations
 
 import json
+import shlex
 import statistics
 import subprocess
 from collections.abc import Sequence
@@ -241,7 +242,5 @@ def report(directory: Path, *, plots: bool = True) -> list[Path]:
 
 def meta(run: _provenance.Run, argv: Sequence[str]) -> dict[str, Any]:
   """Where, when and how the run ran, with the command that started it and the checkout's commit."""
-  import shlex
-
   command = " ".join(["python -m notebooks.demo", *map(shlex.quote, argv)])
   return run.meta(command, git_commit=git_commit())
