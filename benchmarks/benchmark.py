@@ -31,10 +31,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import math
-import os
 import platform
 import re
 import statistics
@@ -49,6 +47,7 @@ import jax.numpy as jnp
 import optax
 
 import asam_jax
+from asam_jax import _provenance
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -486,30 +485,20 @@ def _ratios(results: dict[str, dict[str, Any]], param_bytes: int) -> dict[str, f
   return out
 
 
-def _cpu_model() -> str:
-  try:
-    cpuinfo = Path("/proc/cpuinfo").read_text()
-  except OSError:
-    return platform.processor() or platform.machine()
-  models = [
-    line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")
-  ]
-  return models[0] if models else platform.machine()
-
-
 def _machine() -> dict[str, Any]:
-  device = jax.devices()[0]
+  """The machine line's fields, from the provenance the demo and the notebooks record too."""
+  machine, versions = _provenance.machine(), _provenance.versions()
   return {
-    "backend": jax.default_backend(),
-    "device": device.device_kind,
+    "backend": machine["jax_backend"],
+    "device": machine["device"],
     "device_count": jax.device_count(),
-    "cpu_count": os.cpu_count(),
+    "cpu_count": machine["cores"],
     "platform": platform.platform(),
-    "processor": _cpu_model(),
-    "python": platform.python_version(),
-    "jax": jax.__version__,
-    "optax": optax.__version__,
-    "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    "processor": machine["cpu"],
+    "python": versions["python"],
+    "jax": versions["jax"],
+    "optax": versions["optax"],
+    "load_average": _provenance.load_average(),
   }
 
 
@@ -843,7 +832,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, command: str
   round_seconds = 0.02 if args.quick else 0.4
 
   report: dict[str, Any] = {
-    "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    "date": _provenance.now(),
     "command": command,
     "quick": args.quick,
     "rounds": rounds,
@@ -862,7 +851,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, command: str
       compile_repeats=compile_repeats,
       hlo_dir=args.hlo_dir,
     )
-  report["load_average_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+  report["load_average_after"] = _provenance.load_average()
   return report
 
 

@@ -17,15 +17,15 @@ from __future__ import annotations
 
 import argparse
 import base64
-import datetime
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
 import nbformat
 from nbclient import NotebookClient
+
+from asam_jax import _provenance
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -60,13 +60,6 @@ def export_images(path: Path) -> list[Path]:
   return targets
 
 
-def cpu_model() -> str:
-  for line in Path("/proc/cpuinfo").read_text().splitlines():
-    if line.startswith("model name"):
-      return line.split(":", 1)[1].strip()
-  return platform.processor()
-
-
 def execute(path: Path) -> dict:
   """Runs the notebook in place; returns where, when and how long it ran."""
   notebook = nbformat.read(path, as_version=4)
@@ -74,8 +67,7 @@ def execute(path: Path) -> dict:
     [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
   )
   os.environ.pop("ASAM_JAX_QUICK", None)
-  load_before, start = os.getloadavg(), time.perf_counter()
-  date = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+  load_before, start, date = _provenance.load_average(), time.perf_counter(), _provenance.now()
   client = NotebookClient(
     notebook, timeout=None, kernel_name="python3", resources={"metadata": {"path": str(HERE)}}
   )
@@ -85,9 +77,9 @@ def execute(path: Path) -> dict:
   return {
     "date": date,
     "wall_s": round(wall, 1),
-    "load_before": [round(x, 2) for x in load_before],
-    "load_after": [round(x, 2) for x in os.getloadavg()],
-    "cpu": cpu_model(),
+    "load_before": load_before,
+    "load_after": _provenance.load_average(),
+    "cpu": _provenance.cpu_model(),
     "cores": os.cpu_count(),
   }
 

@@ -8,6 +8,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+import asam_jax
+
 NOTEBOOK_DIR = Path(__file__).parent.parent / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 
@@ -52,10 +54,11 @@ def test_executes_at_reduced_size(path, tmp_path, monkeypatch):
   # The notebook is executed in memory and never written back: the committed
   # outputs stay those of the full-size run.
   monkeypatch.setenv("ASAM_JAX_QUICK", "1")
-  # The kernel imports this checkout's asam_jax, whatever the environment has installed.
-  root = str(NOTEBOOK_DIR.parent)
+  # The kernel imports the asam_jax these tests import: the installed package (CI tests
+  # the wheel), or the checkout's (an editable install, or PYTHONPATH).
+  package_root = str(Path(asam_jax.__file__).resolve().parent.parent)
   monkeypatch.setenv(
-    "PYTHONPATH", os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    "PYTHONPATH", os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
   )
   notebook = nbformat.read(path, as_version=4)
   client = NotebookClient(

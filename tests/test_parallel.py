@@ -605,7 +605,11 @@ def test_two_processes_match_the_single_process_run(tmp_path, method):
 def test_data_parallel_example_runs_and_its_modes_agree():
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the script sets its own
   result = subprocess.run(
-    [sys.executable, "-m", "asam_jax.examples.data_parallel", "--steps", "3", "--batch-size", "32"],
+    [
+      sys.executable,
+      pathlib.Path(__file__).parents[1] / "notebooks" / "data_parallel.py",  # in the checkout
+      *("--steps", "3", "--batch-size", "32"),
+    ],
     env=env,
     capture_output=True,
     text=True,

@@ -1,7 +1,7 @@
 """Data-parallel mSAM: the same training with pmap, shard_map and groups on one device.
 
-Run it with ``python -m asam_jax.examples.data_parallel`` (``--help`` for the
-options). On a machine without accelerators it asks XLA for 4 CPU devices.
+Run it from a checkout with ``python notebooks/data_parallel.py`` (``--help`` for
+the options). On a machine without accelerators it asks XLA for 4 CPU devices.
 
 Each step splits the batch over the devices; each device perturbs the weights
 with its own gradient (m-sharpness, m = batch / devices) and the perturbed

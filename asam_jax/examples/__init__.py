@@ -1,1 +1,0 @@
-"""Runnable examples: ``python -m asam_jax.examples.<name>``."""

@@ -1,0 +1,5 @@
+"""``python -m notebooks.demo``, from the checkout's root: see ``cli``."""
+
+from .cli import main
+
+main()
