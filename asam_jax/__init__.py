@@ -6,6 +6,7 @@ Example:
 """
 
 from asam_jax._alternating import AlternatingState, alternating
+from asam_jax._chain import check_chain
 from asam_jax._gsam import gsam, gsam_rho_schedule
 from asam_jax._looksam import LookSAMState, looksam
 from asam_jax._masks import kernel_mask, weight_mask
@@ -33,6 +34,7 @@ __all__ = [
   "alternating",
   "asam",
   "average_sharpness",
+  "check_chain",
   "grouped_update",
   "gsam",
   "gsam_rho_schedule",

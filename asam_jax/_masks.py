@@ -11,7 +11,7 @@ import numpy as np
 Mask = Any | Callable[[Any], Any]
 
 
-def kernel_mask(params: Any) -> Any:
+def kernel_mask(params: Any, *, stacked_axes: Any = None) -> Any:
   """Selects the leaves with two or more dimensions: weight matrices and kernels.
 
   A shape rule, for ``adaptive_mask``: biases, normalization scales and other
@@ -24,22 +24,69 @@ def kernel_mask(params: Any) -> Any:
   ``T_w = diag(|w| + eta)`` and the only choice that keeps the perturbed loss
   invariant when a neuron's incoming weights *and bias* are rescaled.
 
+  Layers stacked for ``lax.scan`` (``nn.scan``, ``nnx.scan``, ``nnx.vmap``)
+  carry a leading layer axis, so a stacked bias is 2-D: say how many leading
+  axes are layer axes with ``stacked_axes``, and only the dimensions after
+  them count. A leaf named ``bias`` or ``scale`` with two or more dimensions
+  is refused while ``stacked_axes`` is not given, since it is either stacked
+  or a multi-dimensional bias (``nn.DenseGeneral``'s), which the caller must
+  tell apart.
+
   Args:
     params: a pytree of arrays.
+    stacked_axes: the number of leading layer axes: an int for every leaf, or
+      a pytree prefix of ``params`` with an int per subtree (``{"embed": 0,
+      "blocks": 1}``). ``None`` (the default) means 0 and refuses the
+      ambiguous leaves above.
 
   Returns:
     A pytree of Python bools with the structure of ``params``.
 
+  Raises:
+    ValueError: a ``bias`` or ``scale`` leaf with two or more dimensions and no
+      ``stacked_axes``.
+
   Example:
-    >>> import jax.numpy as jnp, asam_jax
+    >>> import functools, jax.numpy as jnp, asam_jax
     >>> asam_jax.kernel_mask({"kernel": jnp.ones((3, 2)), "bias": jnp.ones(2)})
     {'bias': False, 'kernel': True}
+    >>> stacked = {"kernel": jnp.ones((4, 3, 2)), "bias": jnp.ones((4, 2))}  # 4 scanned layers
+    >>> asam_jax.kernel_mask(stacked, stacked_axes=1)
+    {'bias': False, 'kernel': True}
+    >>> adaptive_mask = functools.partial(asam_jax.kernel_mask, stacked_axes=1)  # for asam
 
   References:
     Kwon et al., ASAM: Adaptive Sharpness-Aware Minimization for
     Scale-Invariant Learning of Deep Neural Networks, ICML 2021.
   """
-  return jax.tree.map(lambda x: np.ndim(x) >= 2, params)
+  if stacked_axes is None:
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+      if _leaf_name(path) in ("bias", "scale") and np.ndim(leaf) >= 2:
+        raise ValueError(
+          f"kernel_mask found {jax.tree_util.keystr(path)} with shape {np.shape(leaf)}: a "
+          f"{_leaf_name(path)} with two or more dimensions, which its shape rule would scale "
+          "as a kernel. If the params are layers stacked for lax.scan (nn.scan, nnx.scan, "
+          "nnx.vmap), say how many leading axes are layer axes: "
+          "functools.partial(asam_jax.kernel_mask, stacked_axes=1) (or a pytree prefix, "
+          "{'embed': 0, 'blocks': 1}). If it is a genuinely multi-dimensional bias to be "
+          "scaled as a kernel, pass stacked_axes=0."
+        )
+    stacked_axes = 0
+  try:
+    counts = jax.tree.map(
+      lambda n, sub: jax.tree.map(lambda _: n, sub), stacked_axes, params, is_leaf=_is_count
+    )
+  except ValueError as e:
+    raise ValueError(
+      "stacked_axes must be an int or a pytree prefix of params with an int per subtree.\n"
+      f"  stacked_axes: {jax.tree.structure(stacked_axes)}\n"
+      f"  params: {jax.tree.structure(params)}"
+    ) from e
+  return jax.tree.map(lambda x, n: np.ndim(x) - n >= 2, params, counts)
+
+
+def _is_count(x: Any) -> bool:
+  return isinstance(x, int)
 
 
 # The names Flax (Linen and NNX) and Equinox give the parameters that PyTorch

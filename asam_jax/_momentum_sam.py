@@ -259,7 +259,8 @@ def momentum_sam_weights(params: Any, state: Any) -> Any:
   Args:
     params: the weights the optimizer holds (the perturbed ``w~``).
     state: the optimizer state: a :class:`MomentumSAMState`, or any state that
-      contains exactly one (e.g. ``optax.chain``'s tuple).
+      contains exactly one (e.g. ``optax.chain``'s tuple, or ``nnx.Optimizer``'s
+      ``opt_state``, whose arrays it wraps).
 
   Returns:
     A pytree like ``params``.
@@ -285,4 +286,17 @@ def momentum_sam_weights(params: Any, state: Any) -> Any:
       f"asam_jax.momentum_sam or momentum_sam_adamw), found {len(found)}."
     )
   (msam,) = found
-  return jax.tree.map(lambda w, v: (w + msam.scale * v).astype(w.dtype), params, msam.momentum)
+  # Leaf by leaf, so that the wrappers around either tree do not matter: nnx.Optimizer
+  # holds the momentum as OptVariables where nnx.state(model, nnx.Param) holds Params.
+  w_leaves, treedef = jax.tree.flatten(params)
+  m_leaves = jax.tree.leaves(msam.momentum)
+  if [jnp.shape(w) for w in w_leaves] != [jnp.shape(m) for m in m_leaves]:
+    raise ValueError(
+      "params and the Momentum-SAM state's momentum differ: pass the params the optimizer "
+      f"updates (with NNX, nnx.state(model, wrt) for the optimizer's wrt). params leaves: "
+      f"{[jnp.shape(w) for w in w_leaves]}, momentum leaves: {[jnp.shape(m) for m in m_leaves]}."
+    )
+  (scale,) = jax.tree.leaves(msam.scale)
+  return treedef.unflatten(
+    [(w + scale * m).astype(jnp.result_type(w)) for w, m in zip(w_leaves, m_leaves)]
+  )

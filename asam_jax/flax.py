@@ -133,8 +133,10 @@ def nnx_value_and_grad(
   model rebuilt from those params and from the model's other variables as
   they were *before* the clean pass: it draws the same dropout keys as the
   clean pass, and its writes to statistics and RNG counts go to the copy and
-  are lost. Keep RNG streams in the model (``rngs=`` at construction); an
-  ``nnx.Rngs`` passed in ``args`` would be shared by both passes.
+  are lost. An ``nnx.Rngs`` (or any NNX object) passed in ``args``, as in
+  ``model(x, rngs=rngs)``, is replayed the same way: the perturbed pass draws
+  from a copy of it as it was before the clean pass, eagerly and under
+  ``nnx.jit``.
 
   Args:
     loss: ``loss(model, *args)`` returning a scalar loss, or ``(loss, aux)``
@@ -174,6 +176,15 @@ def nnx_value_and_grad(
   expected = jax.tree.structure(nnx.to_pure_dict(wrt_state))
   # Plain arrays: a snapshot that the clean pass's in-place updates cannot reach.
   rest = nnx.as_pure(others[0])
+  # The graph nodes among the arguments (an nnx.Rngs passed as model(x, rngs=rngs)),
+  # snapshot likewise: the perturbed pass draws from copies rebuilt as they were
+  # before the clean pass, so it replays its keys, and never mutates the caller's
+  # objects from inside tx.update's trace.
+  nodes = {i: nnx.split(a) for i, a in enumerate(args) if nnx.graph.is_graph_node(a)}
+  nodes = {i: (g, nnx.as_pure(state)) for i, (g, state) in nodes.items()}
+
+  def replayed(args):
+    return [nnx.merge(*nodes[i]) if i in nodes else a for i, a in enumerate(args)]
 
   def loss_fn(params):
     if jax.tree.structure(nnx.to_pure_dict(params)) != expected:
@@ -183,7 +194,7 @@ def nnx_value_and_grad(
         "as in nnx.Optimizer(model, tx, wrt=X) and nnx_value_and_grad(loss, model, "
         "*args, wrt=X)."
       )
-    out = loss(nnx.merge(graphdef, params, rest), *args)
+    out = loss(nnx.merge(graphdef, params, rest), *replayed(args))
     return out[0] if has_aux else out
 
   grad_fn = nnx.value_and_grad(loss, argnums=nnx.DiffState(0, wrt), has_aux=has_aux)
