@@ -297,6 +297,6 @@ def momentum_sam_weights(params: Any, state: Any) -> Any:
       f"{[jnp.shape(w) for w in w_leaves]}, momentum leaves: {[jnp.shape(m) for m in m_leaves]}."
     )
   (scale,) = jax.tree.leaves(msam.scale)
-  return treedef.unflatten(
-    [(w + scale * m).astype(jnp.result_type(w)) for w, m in zip(w_leaves, m_leaves)]
+  return jax.tree.unflatten(
+    treedef, [(w + scale * m).astype(jnp.result_type(w)) for w, m in zip(w_leaves, m_leaves)]
   )
