@@ -6,7 +6,11 @@ Example:
 """
 
 from asam_jax._alternating import AlternatingState, alternating
+from asam_jax._bayesian_sam import BayesianSAMState, bayesian_sam, bayesian_sam_sample
 from asam_jax._chain import check_chain
+from asam_jax._esam import ESAMState, esam
+from asam_jax._fisher_sam import fisher_sam
+from asam_jax._friendly_sam import FriendlySAMState, friendly_sam
 from asam_jax._gsam import gsam, gsam_rho_schedule
 from asam_jax._looksam import LookSAMState, looksam
 from asam_jax._masks import kernel_mask, weight_mask
@@ -27,6 +31,9 @@ __version__ = "0.1.0"
 
 __all__ = [
   "AlternatingState",
+  "BayesianSAMState",
+  "ESAMState",
+  "FriendlySAMState",
   "LookSAMState",
   "MomentumSAMState",
   "RandomSAMState",
@@ -34,7 +41,12 @@ __all__ = [
   "alternating",
   "asam",
   "average_sharpness",
+  "bayesian_sam",
+  "bayesian_sam_sample",
   "check_chain",
+  "esam",
+  "fisher_sam",
+  "friendly_sam",
   "grouped_update",
   "gsam",
   "gsam_rho_schedule",

@@ -9,7 +9,10 @@ reads it), the radius, ``p`` and the devices. Three geometries cover the family:
 * ``"adaptive"``: ``T = |w| + eta`` (ASAM, Kwon et al., ICML 2021);
 * ``"fisher"``: ``T = (1 + eta g^2)^-1/2`` with ``g`` the clean gradient, so
   that ``T^2`` is the inverse diagonal empirical Fisher (Fisher SAM, Kim et
-  al., ICML 2022).
+  al., ICML 2022);
+* ``"precision"``: ``T = s^-1/2`` with ``s`` a posterior precision (Bayesian
+  SAM, Möllenhoff and Khan, ICLR 2023), whose step is not normalized:
+  :meth:`Ball.scaled`.
 
 Perturbations are handed around per perturbed leaf, in real coordinates
 (:mod:`asam_jax._maximizer`); :meth:`Ball.tree` and :meth:`Ball.shift` turn
@@ -40,7 +43,7 @@ from asam_jax._maximizer import (
 )
 from asam_jax._norms import accumulation_dtype, largest, power_sum
 
-GEOMETRIES = ("euclidean", "adaptive", "fisher")
+GEOMETRIES = ("euclidean", "adaptive", "fisher", "precision")
 
 
 class Ball(NamedTuple):
@@ -90,6 +93,10 @@ class Ball(NamedTuple):
       indices=self.chosen,
       dtype=self.dtype,
     )
+
+  def scaled(self, directions: Sequence[chex.Array]) -> list[chex.Array]:
+    """``rho T^2 d`` per chosen leaf: a step in the ball's metric, not normalized (bSAM's)."""
+    return [self.rho * self.t(k) * self._leaf(d, k).u(self.dtype) for k, d in enumerate(directions)]
 
   def _leaf(self, direction: chex.Array, k: int, in_ball: bool = False) -> Leaf:
     scale, operand = self.scales[k] or (None, None)
@@ -206,6 +213,7 @@ def make_ball(
   adaptive_mask: Mask | None = None,
   perturb_mask: Mask | None = None,
   layout: Layout,
+  precision: Any = None,
 ) -> Ball:
   """The ball at ``params``; Fisher SAM's ``T`` comes from ``grads``, the clean gradient.
 
@@ -215,6 +223,8 @@ def make_ball(
     rho: the radius this update (checked, or guarded to NaN where invalid).
     eta: the geometry's coefficient this update.
     geometry: one of :data:`GEOMETRIES`.
+    precision: for the ``"precision"`` geometry, the posterior precision ``s``
+      (a pytree like ``params``), with ``T = s^-1/2``.
     p: the ball's norm.
     floor: norms below it are divided by it instead.
     adaptive_mask: which leaves the geometry scales (``None``: every perturbed one).
@@ -242,15 +252,16 @@ def make_ball(
   # One function per geometry, shared by its leaves: the slow path of the norms
   # applies it once to their concatenation.
   if geometry == "adaptive":
-    t = lambda w: jnp.abs(w).astype(dtype) + eta
-  else:
+    t, operands = (lambda w: jnp.abs(w).astype(dtype) + eta), [as_real(w) for w in ws]
+  elif geometry == "fisher":
     # (1 + eta g^2)^-1/2 through hypot, which neither overflows nor underflows.
     t = lambda g: 1 / jnp.hypot(jnp.ones([], dtype), jnp.sqrt(eta) * g.astype(dtype))
+    operands = [real_gradient(g) for g in g_leaves]
+  else:
+    t, operands = (lambda s: jax.lax.rsqrt(s.astype(dtype))), jax.tree.leaves(precision)
 
   def scale(i):
-    if not flags[i]:
-      return None
-    return t, as_real(ws[i]) if geometry == "adaptive" else real_gradient(g_leaves[i])
+    return (t, operands[i]) if flags[i] else None
 
   return Ball(
     treedef,

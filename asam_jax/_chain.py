@@ -17,15 +17,18 @@ import jax
 import optax
 
 from asam_jax._alternating import AlternatingState
+from asam_jax._bayesian_sam import BayesianSAMState
+from asam_jax._esam import ESAMState
+from asam_jax._friendly_sam import FriendlySAMState
 from asam_jax._looksam import LookSAMState
 from asam_jax._momentum_sam import MomentumSAMState
 from asam_jax._random_sam import RandomSAMState
 from asam_jax._sam import SAMState
 
 # Closure-based transformations: first in their chain.
-FIRST = (SAMState, LookSAMState, RandomSAMState)
+FIRST = (SAMState, LookSAMState, RandomSAMState, FriendlySAMState, ESAMState)
 # Optimizers whose update moves the weights back from w~ to w: last in their chain.
-LAST = (MomentumSAMState, AlternatingState)
+LAST = (MomentumSAMState, BayesianSAMState, AlternatingState)
 
 
 def _walk(state: Any, path: tuple[Any, ...], found: list[tuple[tuple[Any, ...], Any]], kinds):
@@ -49,6 +52,9 @@ def _name(state: Any) -> str:
     SAMState: "sam (or asam, gsam, fisher_sam)",
     LookSAMState: "looksam",
     RandomSAMState: "random_sam",
+    FriendlySAMState: "friendly_sam",
+    ESAMState: "esam",
+    BayesianSAMState: "bayesian_sam",
     MomentumSAMState: "momentum_sam (or momentum_sam_adamw)",
     AlternatingState: "alternating",
   }

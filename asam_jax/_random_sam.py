@@ -31,6 +31,15 @@ class RandomSAMState(NamedTuple):
   perturbation_norm: chex.Array
 
 
+def check_key(key: Any) -> None:
+  """Refuses a ``key`` that is not a JAX PRNG key (typed, or a raw uint32 pair)."""
+  is_array = isinstance(key, jax.Array)
+  is_typed_key = is_array and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+  is_raw_key = is_array and key.dtype == jnp.uint32 and key.shape[-1:] == (2,)
+  if not (is_typed_key or is_raw_key):
+    raise TypeError(f"key must be a jax PRNG key, e.g. jax.random.key(0), got {key!r}.")
+
+
 def random_sam(
   key: chex.PRNGKey,
   rho: ScalarOrSchedule = 0.05,
@@ -98,11 +107,7 @@ def random_sam(
     Wen, Ma and Li, How Does Sharpness-Aware Minimization Minimize Sharpness?,
     ICLR 2023, Table 1 (the average-direction sharpness-aware loss).
   """
-  is_array = isinstance(key, jax.Array)
-  is_typed_key = is_array and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
-  is_raw_key = is_array and key.dtype == jnp.uint32 and key.shape[-1:] == (2,)
-  if not (is_typed_key or is_raw_key):
-    raise TypeError(f"key must be a jax PRNG key, e.g. jax.random.key(0), got {key!r}.")
+  check_key(key)
   ascent = make_ascent(
     "random_sam",
     rho,
