@@ -14,8 +14,8 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
-import reference
 from flax import nnx
+from helpers import METHODS, WITH_REFERENCE, assert_trees_differ, perturbed_params
 
 import asam_jax
 import asam_jax.flax
@@ -25,31 +25,9 @@ X = jnp.asarray(RNG.normal(size=(16, 3)), jnp.float32)
 Y = jnp.asarray(RNG.normal(size=(16, 1)), jnp.float32)
 KEY = jax.random.key(7)
 
-# The transformation's constructor (has_aux is the caller's), and the reference's arguments.
-METHODS = {
-  "sam": (functools.partial(asam_jax.sam, rho=0.3), dict(rho=0.3)),
-  "asam": (functools.partial(asam_jax.asam, rho=1.0, eta=0.01), dict(rho=1.0, eta=0.01)),
-}
-
-
-def perturbed_params(grads, params, *, rho, eta=None):
-  """w + eps with eps from the float64 reference (ASAM on every leaf when eta is given)."""
-  g, w = jax.tree.leaves(grads), jax.tree.leaves(params)
-  adaptive = None if eta is None else [True] * len(w)
-  e = reference.perturbation(g, w, rho=rho, eta=eta or 0.0, adaptive=adaptive)
-  new = [np.asarray(a, np.float64) + b for a, b in zip(w, e)]
-  return jax.tree.unflatten(jax.tree.structure(params), [jnp.asarray(a, jnp.float32) for a in new])
-
 
 def assert_trees_close(got, want, rtol=1e-5, atol=1e-6):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=rtol, atol=atol), got, want)
-
-
-def assert_trees_differ(got, want, atol=1e-3):
-  gap = max(
-    float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want))
-  )
-  assert gap > atol, gap
 
 
 # --- Linen: asam_jax.flax.TrainState and the train-step pattern of the README --
@@ -102,12 +80,11 @@ def linen_state(tx):
 @functools.cache
 def linen_one_step(method):
   """One step with chain(method, sgd(1)), and the hand-built passes it should equal."""
-  make, kwargs = METHODS[method]
-  state = linen_state(optax.chain(make(has_aux=True), optax.sgd(1.0)))
+  state = linen_state(optax.chain(METHODS[method].build(has_aux=True), optax.sgd(1.0)))
   stepped, _ = linen_step(state, X, Y, KEY)
   loss = linen_loss(state, X, Y, KEY)
   (_, clean_stats), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
-  w_eps = perturbed_params(grads, state.params, **kwargs)
+  w_eps = perturbed_params(grads, state.params, **METHODS[method].reference)
   (_, perturbed_stats), adversarial = jax.value_and_grad(loss, has_aux=True)(w_eps)
   other_key = linen_loss(state, X, Y, jax.random.key(8))
   _, other_adversarial = jax.value_and_grad(other_key, has_aux=True)(w_eps)
@@ -115,7 +92,7 @@ def linen_one_step(method):
   return stepped, step_grads, clean_stats, perturbed_stats, adversarial, other_adversarial
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", WITH_REFERENCE)
 def test_linen_batch_stats_come_from_the_clean_pass_only(method):
   stepped, _, clean_stats, perturbed_stats, _, _ = linen_one_step(method)
   assert_trees_close(stepped.batch_stats, clean_stats, rtol=1e-6)
@@ -124,7 +101,7 @@ def test_linen_batch_stats_come_from_the_clean_pass_only(method):
   assert int(stepped.step) == 1 and int(stepped.opt_state[0].count) == 1
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", WITH_REFERENCE)
 def test_linen_perturbed_pass_uses_the_clean_dropout_key(method):
   _, step_grads, _, _, adversarial, other_adversarial = linen_one_step(method)
   assert_trees_close(step_grads, adversarial, rtol=1e-4, atol=1e-5)
@@ -190,12 +167,13 @@ def test_nnx_wrt_other_than_the_optimizers_says_to_pass_the_same():
     optimizer.update(model, all_grads, loss_fn=loss_fn)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", WITH_REFERENCE)
 def test_nnx_step_equals_the_hand_built_reference(method):
-  make, kwargs = METHODS[method]
   model = NnxNet(nnx.Rngs(params=0, dropout=1))
   # nnx_value_and_grad's closure returns the bare loss, so tx needs no has_aux.
-  optimizer = nnx.Optimizer(model, optax.chain(make(), optax.sgd(1.0)), wrt=nnx.Param)
+  optimizer = nnx.Optimizer(
+    model, optax.chain(METHODS[method].build(), optax.sgd(1.0)), wrt=nnx.Param
+  )
   before = nnx.clone(model)
   value = nnx_step(model, optimizer, X, Y)
 
@@ -206,7 +184,7 @@ def test_nnx_step_equals_the_hand_built_reference(method):
   (clean_value, _), grads = grad_fn(clean, X, Y)
   params = nnx.as_pure(nnx.state(before, nnx.Param))
   perturbed = nnx.clone(before)
-  nnx.update(perturbed, perturbed_params(nnx.as_pure(grads), params, **kwargs))
+  nnx.update(perturbed, perturbed_params(nnx.as_pure(grads), params, **METHODS[method].reference))
   adversarial = nnx.as_pure(grad_fn(perturbed, X, Y)[1])
   perturbed_stats = nnx.as_pure(nnx.state(perturbed, nnx.BatchStat))
   # perturbed's dropout stream has advanced: a second pass drops other units.

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import f32
 from peers import (
   big_vision_gsam,
   davda54_sam,
@@ -61,10 +62,6 @@ def mlp_grad64(w, x=X, y=Y):
     "Dense_1.bias": r.sum(0),
     "Dense_1.weight": h.T @ r,
   }
-
-
-def f32(tree):
-  return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), tree)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2))

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference
+from helpers import f32
 from hypothesis import given, settings
 
 import asam_jax
@@ -24,10 +25,6 @@ def _tree(seed=0):
     "dense": {"kernel": rng.normal(size=(4, 3)), "bias": rng.normal(size=3)},
     "extra": [rng.normal(), rng.normal(size=(2, 2))],
   }
-
-
-def _f32(tree):
-  return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)
 
 
 def _leaves64(tree):
@@ -56,14 +53,14 @@ CASES = {
 def test_matches_reference(case, p):
   kwargs, ref_kwargs = CASES[case]
   g, w = _tree(0), _tree(1)
-  got = asam_jax.perturbation(_f32(g), _f32(w), rho=0.3, p=p, **kwargs)
+  got = asam_jax.perturbation(f32(g), f32(w), rho=0.3, p=p, **kwargs)
   w_leaves = _leaves64(w)
   want = reference.perturbation(_leaves64(g), w_leaves, rho=0.3, p=p, **ref_kwargs(w_leaves))
   # jax.tree.leaves orders dict keys alphabetically: bias before kernel.
   assert [k.key for k in jax.tree_util.tree_leaves_with_path(w)[0][0]] == ["dense", "bias"]
   for a, b in zip(jax.tree.leaves(got), want):
     np.testing.assert_allclose(np.asarray(a, np.float64), b, rtol=2e-5, atol=1e-7)
-  chex.assert_trees_all_equal_shapes_and_dtypes(got, _f32(w))
+  chex.assert_trees_all_equal_shapes_and_dtypes(got, f32(w))
 
 
 @pytest.mark.parametrize("p", P_VALUES)
@@ -92,7 +89,7 @@ def test_reference_attains_the_holder_maximum(p):
 @pytest.mark.parametrize("p", P_VALUES)
 @pytest.mark.parametrize("adaptive", [False, True])
 def test_zero_gradient_gives_zero_not_nan(p, adaptive):
-  w = _f32(_tree(1))
+  w = f32(_tree(1))
   got = asam_jax.perturbation(
     jax.tree.map(jnp.zeros_like, w), w, rho=0.5, eta=0.0, adaptive=adaptive, p=p
   )
@@ -110,7 +107,7 @@ def test_norm_is_accumulated_in_float32_for_half_precision():
 
 
 def test_jits_with_traced_rho_and_eta():
-  g, w = _f32(_tree(0)), _f32(_tree(1))
+  g, w = f32(_tree(0)), f32(_tree(1))
   fn = jax.jit(lambda g, w, rho, eta: asam_jax.perturbation(g, w, rho=rho, eta=eta, adaptive=True))
   got = fn(g, w, 0.3, 0.01)
   wl = _leaves64(_tree(1))
@@ -239,8 +236,8 @@ def test_radius_is_rho_for_gradients_across_the_dtype_range(dtype, p, adaptive, 
 @pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
 def test_a_non_finite_gradient_makes_every_eps_nan(p, bad):
   """Never a finite wrong step: optax.apply_if_finite can then skip it."""
-  w = _f32(_tree(1))
-  g = _f32(_tree(0))
+  w = f32(_tree(1))
+  g = f32(_tree(0))
   g["dense"]["kernel"] = g["dense"]["kernel"].at[1, 2].set(bad)
   got = asam_jax.perturbation(g, w, rho=0.5, eta=ETA, adaptive=True, p=p)
   assert all(np.all(np.isnan(x)) for x in jax.tree.leaves(got))
@@ -250,7 +247,7 @@ def test_a_non_finite_gradient_makes_every_eps_nan(p, bad):
 @pytest.mark.parametrize("value", [-0.1, np.nan, np.inf])
 def test_invalid_run_time_hyperparameters_make_eps_nan(name, value):
   """A schedule crossing zero, or a value injected under jit, cannot be checked up front."""
-  g, w = _f32(_tree(0)), _f32(_tree(1))
+  g, w = f32(_tree(0)), f32(_tree(1))
   fn = jax.jit(
     lambda h: asam_jax.perturbation(g, w, adaptive=True, **{"rho": 0.3, "eta": 0.01, name: h})
   )
@@ -301,7 +298,7 @@ def test_grads_of_another_shape_are_refused_with_the_leaf_path():
   ],
 )
 def test_bad_input_is_refused(kwargs, error, match):
-  w = _f32(_tree(1))
+  w = f32(_tree(1))
   with pytest.raises(error, match=match):
     asam_jax.perturbation(w, w, **kwargs)
 

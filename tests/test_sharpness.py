@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from test_sam import mlp_apply, mlp_init, rescale
+from helpers import mlp_apply, mlp_init, rescale
 
 import asam_jax
 
