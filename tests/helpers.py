@@ -11,6 +11,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -195,8 +196,9 @@ def rescale(params, key, low=0.5, high=1.5):
 
 
 def assert_close(got, want, rtol=2e-5, atol=1e-6):
-  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    np.testing.assert_allclose(np.asarray(a, np.float64), b, rtol=rtol, atol=atol)
+  """chex's comparison, by default with the tolerances of float32 results against float64
+  references (NumPy compares the two in float64)."""
+  chex.assert_trees_all_close(got, want, rtol=rtol, atol=atol)
 
 
 def assert_trees_differ(got, want, atol=1e-3):

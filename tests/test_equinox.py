@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import METHODS, WITH_REFERENCE, assert_trees_differ, perturbed_params
+from helpers import METHODS, WITH_REFERENCE, assert_close, assert_trees_differ, perturbed_params
 
 import asam_jax
 import asam_jax.equinox
@@ -22,10 +22,6 @@ RNG = np.random.default_rng(0)
 X = jnp.asarray(RNG.normal(size=(16, 3)), jnp.float32)
 Y = jnp.asarray(RNG.normal(size=(16, 1)), jnp.float32)
 DEPTH = 2
-
-
-def assert_trees_close(got, want, rtol=1e-5, atol=1e-6):
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=rtol, atol=atol), got, want)
 
 
 # --- an MLP in a module with an int32 array and a Python int -------------------
@@ -123,7 +119,7 @@ def test_step_equals_the_float64_reference(method):
   adversarial = plain_grad(perturbed_params(grads, params, **METHODS[method].reference), X, Y)
   step_grads = jax.tree.map(lambda a, b: a - b, params, as_dict(stepped))
   np.testing.assert_allclose(value, clean_value, rtol=1e-6)
-  assert_trees_close(step_grads, adversarial, rtol=1e-4, atol=1e-5)
+  assert_close(step_grads, adversarial, rtol=1e-4, atol=1e-5)
   # The gradient at w + eps is not the clean one, so the check above can fail.
   assert_trees_differ(step_grads, grads, atol=1e-3)
   assert int(opt_state[0].count) == 1
@@ -139,7 +135,7 @@ def test_asam_adam_trajectory_equals_the_plain_optax_one():
     model, opt_state, value = eqx_step(tx, model, opt_state, X, Y)
     params, plain_state, plain_value = plain_step(plain_tx, params, plain_state)
     np.testing.assert_allclose(value, plain_value, rtol=1e-5)
-    assert_trees_close(as_dict(model), params, rtol=1e-5, atol=1e-6)
+    assert_close(as_dict(model), params, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(
       opt_state[0].perturbed_loss, plain_state[0].perturbed_loss, rtol=1e-5
     )
@@ -172,7 +168,7 @@ def test_weight_mask_selects_weights_not_biases():
     perturbed_params(grads, plain, rho=1.0, eta=0.01, adaptive=adaptive), X, Y
   )
   step_grads = jax.tree.map(lambda a, b: a - b, plain, as_dict(stepped))
-  assert_trees_close(step_grads, adversarial, rtol=1e-4, atol=1e-5)
+  assert_close(step_grads, adversarial, rtol=1e-4, atol=1e-5)
   # ASAM on every leaf perturbs the biases too, and ends elsewhere.
   everywhere = plain_grad(perturbed_params(grads, plain, rho=1.0, eta=0.01, adaptive=True), X, Y)
   assert_trees_differ(step_grads, everywhere, atol=1e-3)
@@ -260,10 +256,10 @@ def test_batch_norm_state_and_dropout_key_of_the_clean_pass():
 
   step_grads = jax.tree.map(lambda a, b: a - b, params, eqx.filter(stepped, eqx.is_inexact_array))
   np.testing.assert_allclose(value, clean_value, rtol=1e-6)
-  assert_trees_close(step_grads, adversarial, rtol=1e-4, atol=1e-5)
+  assert_close(step_grads, adversarial, rtol=1e-4, atol=1e-5)
   # Another dropout key, or the statistics the clean pass wrote, give another gradient.
   assert_trees_differ(step_grads, other_key, atol=1e-2)
   assert_trees_differ(step_grads, from_new_state, atol=1e-3)
   # The state is the clean pass's; the perturbed pass's is dropped.
-  assert_trees_close(floats(new_state), floats(clean_state), rtol=1e-6)
+  assert_close(floats(new_state), floats(clean_state), rtol=1e-6)
   assert_trees_differ(floats(new_state), floats(perturbed_state), atol=1e-4)

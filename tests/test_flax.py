@@ -7,6 +7,7 @@ float64 NumPy reference of the paper's formula, never from asam_jax.
 
 import functools
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -15,7 +16,14 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
-from helpers import METHODS, WITH_REFERENCE, assert_trees_differ, perturbed_params
+from helpers import (
+  METHODS,
+  WITH_REFERENCE,
+  assert_close,
+  assert_trees_differ,
+  host,
+  perturbed_params,
+)
 
 import asam_jax
 import asam_jax.flax
@@ -24,10 +32,6 @@ RNG = np.random.default_rng(0)
 X = jnp.asarray(RNG.normal(size=(16, 3)), jnp.float32)
 Y = jnp.asarray(RNG.normal(size=(16, 1)), jnp.float32)
 KEY = jax.random.key(7)
-
-
-def assert_trees_close(got, want, rtol=1e-5, atol=1e-6):
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=rtol, atol=atol), got, want)
 
 
 # --- Linen: asam_jax.flax.TrainState and the train-step pattern of the README --
@@ -95,7 +99,7 @@ def linen_one_step(method):
 @pytest.mark.parametrize("method", WITH_REFERENCE)
 def test_linen_batch_stats_come_from_the_clean_pass_only(method):
   stepped, _, clean_stats, perturbed_stats, _, _ = linen_one_step(method)
-  assert_trees_close(stepped.batch_stats, clean_stats, rtol=1e-6)
+  assert_close(stepped.batch_stats, clean_stats, rtol=1e-6)
   # The perturbed pass would have written other statistics, so the check above can fail.
   assert_trees_differ(stepped.batch_stats, perturbed_stats, atol=1e-4)
   assert int(stepped.step) == 1 and int(stepped.opt_state[0].count) == 1
@@ -104,7 +108,7 @@ def test_linen_batch_stats_come_from_the_clean_pass_only(method):
 @pytest.mark.parametrize("method", WITH_REFERENCE)
 def test_linen_perturbed_pass_uses_the_clean_dropout_key(method):
   _, step_grads, _, _, adversarial, other_adversarial = linen_one_step(method)
-  assert_trees_close(step_grads, adversarial, rtol=1e-4, atol=1e-5)
+  assert_close(step_grads, adversarial, rtol=1e-4, atol=1e-5)
   # Another key drops other units, and gives a clearly different gradient.
   assert_trees_differ(step_grads, other_adversarial, atol=1e-2)
 
@@ -123,11 +127,11 @@ def test_linen_apply_gradients_lets_a_plain_optimizer_ignore_the_closure():
     state.apply_gradients(grads=state.params, loss_fn=lambda p: 0.0),
     state.apply_gradients(grads=state.params),
   ):
-    assert_trees_close(stepped.params, want, rtol=1e-6)
+    assert_close(stepped.params, want, rtol=1e-6)
     assert stepped.tx is state.tx and int(stepped.step) == 1
   # As for a transformation that needs no closure, such as Momentum-SAM.
   msam = linen_state(asam_jax.momentum_sam(0.1, rho=0.0))
-  assert_trees_close(msam.apply_gradients(grads=msam.params).params, want, rtol=1e-6)
+  assert_close(msam.apply_gradients(grads=msam.params).params, want, rtol=1e-6)
 
 
 # --- NNX: nnx.Optimizer with asam_jax.flax.nnx_value_and_grad -------------------
@@ -192,11 +196,11 @@ def test_nnx_step_equals_the_hand_built_reference(method):
 
   step_grads = jax.tree.map(lambda a, b: a - b, params, nnx.as_pure(nnx.state(model, nnx.Param)))
   np.testing.assert_allclose(value, clean_value, rtol=1e-6)
-  assert_trees_close(step_grads, adversarial, rtol=1e-4, atol=1e-5)
+  assert_close(step_grads, adversarial, rtol=1e-4, atol=1e-5)
   assert_trees_differ(step_grads, other_adversarial, atol=1e-2)
   # Statistics and RNG counts are those of the clean pass alone.
   stats = nnx.as_pure(nnx.state(model, nnx.BatchStat))
-  assert_trees_close(stats, nnx.as_pure(nnx.state(clean, nnx.BatchStat)), rtol=1e-6)
+  assert_close(stats, nnx.as_pure(nnx.state(clean, nnx.BatchStat)), rtol=1e-6)
   assert_trees_differ(stats, perturbed_stats, atol=1e-4)
   counts = [int(c) for c in jax.tree.leaves(nnx.state(model, nnx.RngCount))]
   assert counts == [int(c) for c in jax.tree.leaves(nnx.state(clean, nnx.RngCount))] == [1]
@@ -232,17 +236,11 @@ def test_resumed_run_follows_the_uninterrupted_trajectory(tmp_path):
 
   assert isinstance(state, asam_jax.flax.TrainState) and state.tx is tx
   assert isinstance(state.opt_state[0], asam_jax.SAMState)
-  jax.tree.map(np.testing.assert_array_equal, state, uninterrupted[2])
+  chex.assert_trees_all_equal(state, uninterrupted[2])
   for want in uninterrupted[3:]:
     state = linen_run_step(state)
-    jax.tree.map(np.testing.assert_array_equal, state, want)
+    chex.assert_trees_all_equal(state, want)
   assert int(state.opt_state[0].count) == 6
-
-
-def key_data(tree):
-  """Typed PRNG keys as their integer data, which NumPy can compare."""
-  is_key = lambda a: jnp.issubdtype(a.dtype, jax.dtypes.prng_key)
-  return jax.tree.map(lambda a: jax.random.key_data(a) if is_key(a) else a, tree)
 
 
 def test_resumed_nnx_run_follows_the_uninterrupted_trajectory(tmp_path):
@@ -256,7 +254,7 @@ def test_resumed_nnx_run_follows_the_uninterrupted_trajectory(tmp_path):
   uninterrupted = []
   for step in range(5):
     nnx_step(model, optimizer, X, Y)
-    uninterrupted.append(key_data(nnx.as_pure(nnx.state((model, optimizer)))))
+    uninterrupted.append(host(nnx.as_pure(nnx.state((model, optimizer)))))
     if step == 1:
       checkpointer.save(tmp_path / "step2", nnx.state((model, optimizer)))
   checkpointer.wait_until_finished()
@@ -267,11 +265,9 @@ def test_resumed_nnx_run_follows_the_uninterrupted_trajectory(tmp_path):
     (model, optimizer), checkpointer.restore(tmp_path / "step2", nnx.state((model, optimizer)))
   )
   assert isinstance(optimizer.opt_state[0], asam_jax.SAMState)
-  restored = key_data(nnx.as_pure(nnx.state((model, optimizer))))
-  jax.tree.map(np.testing.assert_array_equal, restored, uninterrupted[1])
+  restored = host(nnx.as_pure(nnx.state((model, optimizer))))
+  chex.assert_trees_all_equal(restored, uninterrupted[1])
   for want in uninterrupted[2:]:
     nnx_step(model, optimizer, X, Y)
-    jax.tree.map(
-      np.testing.assert_array_equal, key_data(nnx.as_pure(nnx.state((model, optimizer)))), want
-    )
+    chex.assert_trees_all_equal(host(nnx.as_pure(nnx.state((model, optimizer)))), want)
   assert int(optimizer.opt_state[0].count[...]) == 5

@@ -349,9 +349,8 @@ def device(tree, i):
 @pytest.mark.parametrize("method, sync", VARIANT_CASES)
 def test_variants_under_pmap_stay_replicated_and_match_the_reference(method, sync):
   run = pmap_run(method, sync)
-  for leaf in jax.tree.leaves(run):  # every device's params and state, bit for bit
-    for i in range(1, N):
-      np.testing.assert_array_equal(leaf[i], leaf[0])
+  # every device's params and state, bit for bit
+  chex.assert_trees_all_equal(*[device(run, i) for i in range(N)])
   check_reference(method, sync, *device(run, 0))
   if method in ("gsam", "looksam", "random_sam") and not sync:
     # the per-device reference is not the global one: the test tells the modes apart
@@ -579,9 +578,8 @@ def test_two_processes_match_the_single_process_run(tmp_path, method):
   here = jax.tree.leaves((params, state))
   for out in outs:
     with np.load(out) as got:
-      assert len(got.files) == len(here)
-      for i, leaf in enumerate(here):
-        np.testing.assert_allclose(got[f"arr_{i}"], leaf, rtol=1e-6, atol=1e-7)
+      saved = [got[f"arr_{i}"] for i in range(len(got.files))]
+    chex.assert_trees_all_close(saved, here, rtol=1e-6, atol=1e-7)
 
 
 # --- the example ---------------------------------------------------------------------------

@@ -7,6 +7,7 @@ are compared with the float64 ports step by step.
 
 import functools
 
+import chex
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -82,10 +83,7 @@ def at(tree, i):
 
 
 def assert_named_close(got_tree, want_named, rtol=1e-5, atol=1e-6):
-  got = to_named(got_tree)
-  assert got.keys() == want_named.keys()
-  for n in got:
-    np.testing.assert_allclose(got[n], want_named[n], rtol=rtol, atol=atol, err_msg=n)
+  chex.assert_trees_all_close(to_named(got_tree), want_named, rtol=rtol, atol=atol)
 
 
 def sgd_base(lr, momentum=0.0):

@@ -58,8 +58,7 @@ def test_matches_reference(case, p):
   want = reference.perturbation(_leaves64(g), w_leaves, rho=0.3, p=p, **ref_kwargs(w_leaves))
   # jax.tree.leaves orders dict keys alphabetically: bias before kernel.
   assert [k.key for k in jax.tree_util.tree_leaves_with_path(w)[0][0]] == ["dense", "bias"]
-  for a, b in zip(jax.tree.leaves(got), want):
-    np.testing.assert_allclose(np.asarray(a, np.float64), b, rtol=2e-5, atol=1e-7)
+  chex.assert_trees_all_close(jax.tree.leaves(got), want, rtol=2e-5, atol=1e-7)
   chex.assert_trees_all_equal_shapes_and_dtypes(got, f32(w))
 
 
@@ -112,8 +111,7 @@ def test_jits_with_traced_rho_and_eta():
   got = fn(g, w, 0.3, 0.01)
   wl = _leaves64(_tree(1))
   want = reference.perturbation(_leaves64(_tree(0)), wl, rho=0.3, eta=0.01, adaptive=[True] * 4)
-  for a, b in zip(jax.tree.leaves(got), want):
-    np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7)
+  chex.assert_trees_all_close(jax.tree.leaves(got), want, rtol=2e-5, atol=1e-7)
 
 
 # --- property tests over random pytrees --------------------------------------
@@ -172,8 +170,7 @@ def test_property_random_pytrees(spec, seed, p, adaptive, zeros):
   want = reference.perturbation(_leaves64(g), w_leaves, rho=rho, eta=eta, adaptive=flags, p=p)
   tol = max([TOL[x.dtype.type] for x in jax.tree.leaves(w)], default=1e-5)
   scale = max([np.abs(x).max(initial=0) for x in want], default=0)
-  for a, b in zip(got_leaves, want):
-    np.testing.assert_allclose(a, b, rtol=tol, atol=tol * scale)
+  chex.assert_trees_all_close(got_leaves, want, rtol=tol, atol=tol * scale)
   if reference.dual_norm(_leaves64(g), w_leaves, eta=eta, adaptive=flags, p=p) > 0:
     norm = reference.ball_norm(got_leaves, w_leaves, eta=eta, adaptive=flags, p=p)
     np.testing.assert_allclose(norm, rho, rtol=2 * tol)
@@ -228,8 +225,7 @@ def test_radius_is_rho_for_gradients_across_the_dtype_range(dtype, p, adaptive, 
   np.testing.assert_allclose(reached, 0.5, rtol=tol)
   want = reference.perturbation(_leaves64(g), w64, rho=0.5, eta=ETA, adaptive=flags, p=p)
   scale = max(np.abs(x).max() for x in want)
-  for a, b in zip(eps64, want):
-    np.testing.assert_allclose(a, b, rtol=tol, atol=tol * scale)
+  chex.assert_trees_all_close(eps64, want, rtol=tol, atol=tol * scale)
 
 
 @pytest.mark.parametrize("p", [2, math.inf, 1, 3])
