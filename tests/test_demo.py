@@ -134,6 +134,7 @@ def test_make_optimizer_refuses_unknown_names():
 # --- the command line ---------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_demo_writes_table_plot_and_json(tmp_path, capsys):
   # One epoch everywhere in this file, so that the tests share compiled epochs.
   runs = demo.main(["--models", "mlp", "--seeds", "2", "--epochs", "1", "--out", str(tmp_path)])
@@ -167,6 +168,7 @@ def test_demo_writes_table_plot_and_json(tmp_path, capsys):
   assert (tmp_path / "test_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_demo_options_reach_the_runs(tmp_path):
   args = ["--models", "mlp", "--methods", "sam", "asam", "--seeds", "1", "--epochs", "1"]
   args += ["--sam-rho", "0.07", "--asam-rho", "0.3", "--eta", "0.02"]
@@ -181,6 +183,7 @@ def test_demo_options_reach_the_runs(tmp_path):
   )
 
 
+@pytest.mark.slow
 def test_sweep_validates_every_rho_with_one_compilation_per_method(tmp_path):
   misses = demo._epoch_fn.cache_info().misses
   runs = demo.main(
@@ -195,6 +198,7 @@ def test_sweep_validates_every_rho_with_one_compilation_per_method(tmp_path):
   assert not (tmp_path / "results.json").exists()
 
 
+@pytest.mark.slow
 def test_cnn_ln_has_a_layer_norm_after_each_convolution_and_trains():
   model = demo.MODELS["cnn_ln"]()
   params = model.init(jax.random.key(0), jnp.zeros((1, 40)))["params"]
@@ -215,6 +219,7 @@ def test_cnn_ln_has_a_layer_norm_after_each_convolution_and_trains():
   assert result["test_acc"][0] > 0.15  # above chance (10%) after one epoch
 
 
+@pytest.mark.slow
 def test_conventions_mode_writes_the_table(tmp_path):
   args = ["--conventions", "--models", "mlp", "cnn_ln", "--seeds", "1", "--epochs", "1"]
   runs = demo.main([*args, "--asam-rho", "0.1", "--out", str(tmp_path)])
@@ -235,6 +240,7 @@ def test_conventions_mode_writes_the_table(tmp_path):
   assert not (tmp_path / "results.json").exists()
 
 
+@pytest.mark.slow
 def test_report_rerenders_the_markdown_without_training(tmp_path, monkeypatch):
   demo.main(["--models", "mlp", "--methods", "sgd", "--seeds", "1", "--epochs", "1",
              "--out", str(tmp_path / "run")])  # fmt: skip
@@ -278,6 +284,7 @@ def test_the_notebooks_readme_quotes_the_committed_demo_rows():
   assert [line for line in quoted if line not in rows] == [], "notebooks/README.md is stale"
 
 
+@pytest.mark.slow
 def test_sweep_grid_options(tmp_path):
   args = ["--sweep", "--models", "mlp", "--seeds", "1", "--epochs", "1"]
   runs = demo.main(
@@ -292,12 +299,14 @@ def test_sweep_grid_options(tmp_path):
     demo.main(["--sam-rhos", "0.3", "--out", str(tmp_path)])  # the grid is --sweep's
 
 
+@pytest.mark.slow
 def test_train_is_deterministic_given_the_seed():
   data = demo.load_mnist1d()
   a, b = (demo.train("mlp", "asam", 5, data, epochs=1, rho=0.5) for _ in range(2))
   assert a["test_acc"] == b["test_acc"] and a["loss"] == b["loss"]
 
 
+@pytest.mark.slow
 def test_the_variants_run_in_the_demo_with_sams_rho(tmp_path):
   variants = ["gsam", "looksam", "msam", "random_sam"]
   args = ["--models", "mlp", "--methods", *variants, "--seeds", "1", "--epochs", "1"]

@@ -216,6 +216,7 @@ def linen_run_step(state):
   return linen_step(state, X, Y, jax.random.fold_in(KEY, state.step))[0]
 
 
+@pytest.mark.slow
 def test_resumed_run_follows_the_uninterrupted_trajectory(tmp_path):
   tx = optax.chain(
     asam_jax.asam(rho=0.5, eta=0.01, has_aux=True),
@@ -243,6 +244,7 @@ def test_resumed_run_follows_the_uninterrupted_trajectory(tmp_path):
   assert int(state.opt_state[0].count) == 6
 
 
+@pytest.mark.slow
 def test_resumed_nnx_run_follows_the_uninterrupted_trajectory(tmp_path):
   def fresh():
     model = NnxNet(nnx.Rngs(params=0, dropout=1))

@@ -102,7 +102,10 @@ SHARDED_CASES = [
 
 
 @pytest.mark.parametrize(
-  "kernel, batch, methods", SHARDED_CASES, ids=[f"{c[0]}-batch{c[1]}" for c in SHARDED_CASES]
+  "kernel, batch, methods",
+  # the first case, every method, is slow; the others keep sharded jit in the fast tier
+  [pytest.param(*SHARDED_CASES[0], marks=pytest.mark.slow), *SHARDED_CASES[1:]],
+  ids=[f"{c[0]}-batch{c[1]}" for c in SHARDED_CASES],
 )
 def test_sharded_jit_is_one_device_keeps_the_sharding_and_gathers_no_more_than_optax(
   kernel, batch, methods
@@ -135,6 +138,7 @@ def test_sharded_jit_is_one_device_keeps_the_sharding_and_gathers_no_more_than_o
     assert gathers["optax"] >= 2, gathers
 
 
+@pytest.mark.slow
 def test_sharpness_under_sharded_jit_is_one_device():
   @jax.jit
   def sharpnesses(key, params, x, y):

@@ -456,6 +456,7 @@ def test_grouped_update_variants_match_per_group_reference(method):
   check_reference(method, False, *host(train(f32(W0))))
 
 
+@pytest.mark.slow
 def test_grouped_update_chains_and_returns_aux():
   tx = optax.chain(asam_jax.sam(rho=RHO, axis_name="groups", has_aux=True), optax.sgd(0.1))
   loss_fn = lambda p, b: (ls_loss(p, *b), b[0].shape[0])
@@ -529,6 +530,7 @@ def free_port():
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["sam", "looksam"])
 def test_two_processes_match_the_single_process_run(tmp_path, method):
   """2 processes x 2 CPU devices, gloo collectives, equal the 4-device run here.
@@ -585,6 +587,7 @@ def test_two_processes_match_the_single_process_run(tmp_path, method):
 # --- the example ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_data_parallel_example_runs_and_its_modes_agree():
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the script sets its own
   result = subprocess.run(

@@ -150,6 +150,7 @@ def _build(spec, rng, zeros):
   return jax.tree.map(leaf, spec)
 
 
+@pytest.mark.slow
 @given(
   spec=tree_specs,
   seed=st.integers(0, 2**31 - 1),

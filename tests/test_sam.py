@@ -95,6 +95,7 @@ def test_chain_feeds_the_sam_gradient_to_any_optimizer(base):
 # --- a jit-compiled training loop ----------------------------------------------
 
 
+@pytest.mark.slow
 def test_jitted_training_loop_reaches_low_loss():
   x, labels = spirals(256, jax.random.key(1))
   params = mlp_init(jax.random.key(0), [2, 64, 64, 2])
@@ -106,6 +107,7 @@ def test_jitted_training_loop_reaches_low_loss():
   assert int(state[0].count) == 1500 and float(state[0].perturbed_loss) >= float(losses[-1])
 
 
+@pytest.mark.slow
 def test_rho_zero_reproduces_the_base_trajectory():
   x, labels = spirals(64, jax.random.key(1))
   params = mlp_init(jax.random.key(0), [2, 16, 2])
@@ -186,6 +188,7 @@ def test_apply_if_finite_after_sam_skips_a_nan_perturbed_gradient():
 # --- gradient accumulation ------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_sam_before_multisteps():
   """chain(sam, MultiSteps(opt)) averages one SAM gradient per micro-batch."""
   k, rho, lr = 4, 0.2, 0.1
@@ -297,6 +300,7 @@ def perturbed_loss(tx, params, x, labels):
   return loss_fn(params), state.perturbed_loss
 
 
+@pytest.mark.slow
 def test_asam_perturbed_loss_is_invariant_to_neuron_rescaling():
   key_data, key_init, key_bias = jax.random.split(jax.random.key(3), 3)
   x = jax.random.normal(key_data, (64, 4))
