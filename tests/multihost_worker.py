@@ -12,18 +12,11 @@ import sys
 import jax
 import numpy as np
 import optax
+from helpers import METHODS, STEPS, W0, X, Y, ls_loss
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from test_sam import W0, X, Y, ls_loss
 
 import asam_jax
-
-RHO, LR, STEPS = 0.2, 0.1, 3
-LOOKSAM = dict(rho=RHO, k=2, alpha=0.7)  # STEPS = 3: a full step, a reuse step, a full step
-METHODS = {
-  "sam": lambda: asam_jax.sam(rho=RHO, axis_name="data"),
-  "looksam": lambda: asam_jax.looksam(**LOOKSAM, axis_name="data"),
-}
 
 
 def train(mesh, method="sam"):
@@ -31,7 +24,7 @@ def train(mesh, method="sam"):
 
   Returns the params and the method's state, as NumPy arrays.
   """
-  tx = optax.chain(METHODS[method](), optax.sgd(LR))
+  tx = METHODS[method].chain(axis_name="data")
 
   def step(params, state, x, y):
     loss_fn = lambda p: ls_loss(p, x, y)

@@ -9,8 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from loops import scan_steps
-from test_sam import W0, X, Y, f32, ls_loss
+from helpers import W0, X, Y, f32, ls_loss, scan_steps
 
 import asam_jax
 

@@ -27,6 +27,7 @@ benchmark = _load("benchmark")
 repro = _load("xla_cpu_cond_repro")
 
 
+@pytest.mark.slow
 def test_quick_run_writes_json_and_readme(tmp_path):
   readme = tmp_path / "README.md"
   shutil.copy(benchmark.README, readme)
@@ -109,6 +110,7 @@ def test_unknown_workload_is_refused_with_the_choices(capsys):
   assert "choose from ['mlp'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cond_repro_runs_and_reads_the_layouts(capsys):
   repro.main(["--batch", "2", "--size", "8", "--channels", "4", "--repeats", "1"])
   out = capsys.readouterr().out

@@ -7,20 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import METHODS
 
 import asam_jax
-
-# name: (constructor, keyword arguments, the arguments inject_hyperparams must leave static)
-CONSTRUCTORS = {
-  "sam": (asam_jax.sam, dict(rho=0.1), ("p", "ascent_steps")),
-  "asam": (asam_jax.asam, dict(rho=0.5, eta=0.01), ("p", "ascent_steps")),
-  "gsam": (asam_jax.gsam, dict(rho=0.1, alpha=0.2), ()),
-  "looksam": (asam_jax.looksam, dict(rho=0.1, k=2), ("k",)),
-  "random_sam": (asam_jax.random_sam, dict(key=jax.random.key(0), rho=0.1), ()),
-  "momentum_sam": (asam_jax.momentum_sam, dict(learning_rate=0.1, rho=0.1), ()),
-  "momentum_sam_adamw": (asam_jax.momentum_sam_adamw, dict(learning_rate=0.1, rho=0.1), ()),
-}
-OPTIMIZERS = ("momentum_sam", "momentum_sam_adamw")
 
 
 def _loss(params):
@@ -30,19 +19,19 @@ def _loss(params):
 
 
 def _chain(name, tx):
-  return tx if name in OPTIMIZERS else optax.chain(tx, optax.sgd(0.1))
+  return tx if METHODS[name].optimizer else optax.chain(tx, optax.sgd(0.1))
 
 
 def _update(name, tx, params, state):
   grads = jax.grad(_loss)(params)
-  extra = {} if name in OPTIMIZERS else {"loss_fn": _loss}
+  extra = {"loss_fn": _loss} if METHODS[name].closure else {}
   updates, state = tx.update(grads, state, params, **extra)
   return optax.apply_updates(params, updates), state
 
 
-@pytest.mark.parametrize("name", CONSTRUCTORS)
+@pytest.mark.parametrize("name", METHODS)
 def test_inject_hyperparams_with_its_static_args(name):
-  make, kwargs, statics = CONSTRUCTORS[name]
+  make, kwargs, statics = METHODS[name].make, METHODS[name].kwargs, METHODS[name].static_args
   params = {"w": jnp.linspace(-1, 1, 6).reshape(2, 3), "b": jnp.ones(3)}
   if statics:
     with pytest.raises(TypeError, match=r"static_args=\(" + repr(statics[0])):
@@ -55,21 +44,20 @@ def test_inject_hyperparams_with_its_static_args(name):
   state = tx.init(params)
   params2, state = step(params, state)
   # The injected rho is read at run time: 0 gives the plain gradient step.
-  inner = state if name in OPTIMIZERS else state[0]
+  inner = state if METHODS[name].optimizer else state[0]
   inner.hyperparams["rho"] = jnp.zeros_like(inner.hyperparams["rho"])
   params3, _ = step(params2, state)
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params3))
 
 
-@pytest.mark.parametrize("name", CONSTRUCTORS)
+@pytest.mark.parametrize("name", METHODS)
 def test_state_keeps_its_types_through_scan_and_cond_under_x64_and_mixed_dtypes(name):
-  make, kwargs, _ = CONSTRUCTORS[name]
   with jax.enable_x64(True):
     params = {
       "w": jnp.linspace(-1, 1, 6, dtype=jnp.float64).reshape(2, 3),
       "b": jnp.ones(3, jnp.bfloat16),
     }
-    tx = _chain(name, make(**kwargs))
+    tx = _chain(name, METHODS[name].build())
 
     @jax.jit
     def run(params):
@@ -89,10 +77,9 @@ def test_state_keeps_its_types_through_scan_and_cond_under_x64_and_mixed_dtypes(
     assert all(np.all(np.isfinite(np.asarray(x, np.float64))) for x in jax.tree.leaves(params_out))
 
 
-@pytest.mark.parametrize("name", CONSTRUCTORS)
+@pytest.mark.parametrize("name", METHODS)
 def test_vmap_over_an_ensemble(name):
-  make, kwargs, _ = CONSTRUCTORS[name]
-  tx = _chain(name, make(**kwargs))
+  tx = _chain(name, METHODS[name].build())
   members = {"w": jnp.stack([jnp.linspace(-1, 1, 6).reshape(2, 3) * s for s in (1.0, 2.0, 3.0)])}
   members["b"] = jnp.ones((3, 3))
   states = jax.vmap(tx.init)(members)

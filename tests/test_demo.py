@@ -155,6 +155,7 @@ def test_make_optimizer_refuses_unknown_names():
 # --- the demo's command line --------------------------------------------------
 
 
+@pytest.mark.slow
 def test_demo_prints_the_table_and_draws_the_plot(tmp_path, capsys):
   # One epoch everywhere in this file, so that the tests share compiled epochs.
   runs = demo.main(["--models", "mlp", "--seeds", "2", "--epochs", "1", "--out", str(tmp_path)])
@@ -202,6 +203,7 @@ def test_the_provenance_of_a_run():
   assert _provenance.describe(meta).endswith(f"flax {meta['versions']['flax']}, asam_jax at abc.")
 
 
+@pytest.mark.slow
 def test_cnn_ln_has_a_layer_norm_after_each_convolution_and_trains():
   model = demo.MODELS["cnn_ln"]()
   params = model.init(jax.random.key(0), jnp.zeros((1, 40)))["params"]
@@ -222,6 +224,7 @@ def test_cnn_ln_has_a_layer_norm_after_each_convolution_and_trains():
   assert result["test_acc"][0] > 0.15  # above chance (10%) after one epoch
 
 
+@pytest.mark.slow
 def test_train_is_deterministic_given_the_seed():
   data = demo.load_mnist1d()
   a, b = (demo.train("mlp", "asam", 5, data, epochs=1, rho=0.5) for _ in range(2))
@@ -243,6 +246,7 @@ def test_demo_on_a_core_install_names_the_extra_to_install():
 # --- the harness: python -m notebooks.demo ------------------------------------
 
 
+@pytest.mark.slow
 def test_harness_writes_table_plot_and_json(tmp_path, capsys):
   runs = cli.main(["--models", "mlp", "--seeds", "2", "--epochs", "1", "--out", str(tmp_path)])
   printed = capsys.readouterr().out
@@ -266,6 +270,7 @@ def test_harness_writes_table_plot_and_json(tmp_path, capsys):
   assert (tmp_path / "test_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_the_harness_trains_what_the_demo_trains(tmp_path):
   """Its comparison is the demo's, bit for bit: the same accuracies, only recorded."""
   args = ["--models", "mlp", "--seeds", "1", "--epochs", "1"]
@@ -275,6 +280,7 @@ def test_the_harness_trains_what_the_demo_trains(tmp_path):
     assert {k: b[k] for k in a if k != "ms_per_step"} == {k: a[k] for k in a if k != "ms_per_step"}
 
 
+@pytest.mark.slow
 def test_harness_options_reach_the_runs(tmp_path):
   args = ["--models", "mlp", "--methods", "sam", "asam", "--seeds", "1", "--epochs", "1"]
   args += ["--sam-rho", "0.07", "--asam-rho", "0.3", "--eta", "0.02"]
@@ -289,6 +295,7 @@ def test_harness_options_reach_the_runs(tmp_path):
   )
 
 
+@pytest.mark.slow
 def test_sweep_validates_every_rho_with_one_compilation_per_method(tmp_path):
   misses = demo._epoch_fn.cache_info().misses
   runs = cli.main(
@@ -303,6 +310,7 @@ def test_sweep_validates_every_rho_with_one_compilation_per_method(tmp_path):
   assert not (tmp_path / "results.json").exists()
 
 
+@pytest.mark.slow
 def test_conventions_mode_writes_the_table(tmp_path):
   args = ["--conventions", "--models", "mlp", "cnn_ln", "--seeds", "1", "--epochs", "1"]
   runs = cli.main([*args, "--asam-rho", "0.1", "--out", str(tmp_path)])
@@ -367,6 +375,7 @@ def test_the_notebooks_readme_quotes_the_committed_demo_rows():
   assert [line for line in quoted if line not in rows] == [], "notebooks/README.md is stale"
 
 
+@pytest.mark.slow
 def test_sweep_grid_options(tmp_path):
   args = ["--sweep", "--models", "mlp", "--seeds", "1", "--epochs", "1"]
   runs = cli.main([*args, "--sam-rhos", "0.3", "--asam-rhos", "0.4", "0.6", "--out", str(tmp_path)])
@@ -379,6 +388,7 @@ def test_sweep_grid_options(tmp_path):
     cli.main(["--sam-rhos", "0.3", "--out", str(tmp_path)])  # the grid is --sweep's
 
 
+@pytest.mark.slow
 def test_the_variants_run_in_the_harness_with_sams_rho(tmp_path):
   variants = list(experiments.VARIANTS)
   args = ["--models", "mlp", "--methods", *variants, "--seeds", "1", "--epochs", "1"]

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import reference
+from helpers import METHODS, WITH_REFERENCE, assert_close, assert_trees_differ, perturbed_params
 
 import asam_jax
 import asam_jax.equinox
@@ -22,33 +22,6 @@ RNG = np.random.default_rng(0)
 X = jnp.asarray(RNG.normal(size=(16, 3)), jnp.float32)
 Y = jnp.asarray(RNG.normal(size=(16, 1)), jnp.float32)
 DEPTH = 2
-
-# The transformation, and the reference's arguments.
-METHODS = {
-  "sam": (functools.partial(asam_jax.sam, rho=0.3), dict(rho=0.3)),
-  "asam": (functools.partial(asam_jax.asam, rho=1.0, eta=0.01), dict(rho=1.0, eta=0.01)),
-}
-
-
-def assert_trees_close(got, want, rtol=1e-5, atol=1e-6):
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=rtol, atol=atol), got, want)
-
-
-def assert_trees_differ(got, want, atol=1e-3):
-  gap = max(
-    float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want))
-  )
-  assert gap > atol, gap
-
-
-def perturbed(grads, params, *, rho, eta=None, adaptive=None):
-  """w + eps with eps from the float64 reference (ASAM on every leaf unless adaptive says)."""
-  g, w = jax.tree.leaves(grads), jax.tree.leaves(params)
-  if eta is not None and adaptive is None:
-    adaptive = [True] * len(w)
-  e = reference.perturbation(g, w, rho=rho, eta=eta or 0.0, adaptive=adaptive)
-  new = [jnp.asarray(np.asarray(a, np.float64) + b, jnp.float32) for a, b in zip(w, e)]
-  return jax.tree.unflatten(jax.tree.structure(params), new)
 
 
 # --- an MLP in a module with an int32 array and a Python int -------------------
@@ -134,20 +107,19 @@ def test_integer_fields_would_break_a_plain_grad():
     jax.grad(mse)(make_net(), X, Y)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", WITH_REFERENCE)
 def test_step_equals_the_float64_reference(method):
-  make, kwargs = METHODS[method]
   model = make_net()
-  tx = optax.chain(make(), optax.sgd(1.0))
+  tx = optax.chain(METHODS[method].build(), optax.sgd(1.0))
   opt_state = tx.init(eqx.filter(model, eqx.is_inexact_array))
   stepped, opt_state, value = eqx_step(tx, model, opt_state, X, Y)
 
   params = as_dict(model)
   clean_value, grads = plain_value_and_grad(params, X, Y)
-  adversarial = plain_grad(perturbed(grads, params, **kwargs), X, Y)
+  adversarial = plain_grad(perturbed_params(grads, params, **METHODS[method].reference), X, Y)
   step_grads = jax.tree.map(lambda a, b: a - b, params, as_dict(stepped))
   np.testing.assert_allclose(value, clean_value, rtol=1e-6)
-  assert_trees_close(step_grads, adversarial, rtol=1e-4, atol=1e-5)
+  assert_close(step_grads, adversarial, rtol=1e-4, atol=1e-5)
   # The gradient at w + eps is not the clean one, so the check above can fail.
   assert_trees_differ(step_grads, grads, atol=1e-3)
   assert int(opt_state[0].count) == 1
@@ -163,7 +135,7 @@ def test_asam_adam_trajectory_equals_the_plain_optax_one():
     model, opt_state, value = eqx_step(tx, model, opt_state, X, Y)
     params, plain_state, plain_value = plain_step(plain_tx, params, plain_state)
     np.testing.assert_allclose(value, plain_value, rtol=1e-5)
-    assert_trees_close(as_dict(model), params, rtol=1e-5, atol=1e-6)
+    assert_close(as_dict(model), params, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(
       opt_state[0].perturbed_loss, plain_state[0].perturbed_loss, rtol=1e-5
     )
@@ -192,11 +164,13 @@ def test_weight_mask_selects_weights_not_biases():
   plain = as_dict(model)
   grads = plain_grad(plain, X, Y)
   adaptive = [name.startswith("w") for name in sorted(plain)]  # the dict's leaf order
-  adversarial = plain_grad(perturbed(grads, plain, rho=1.0, eta=0.01, adaptive=adaptive), X, Y)
+  adversarial = plain_grad(
+    perturbed_params(grads, plain, rho=1.0, eta=0.01, adaptive=adaptive), X, Y
+  )
   step_grads = jax.tree.map(lambda a, b: a - b, plain, as_dict(stepped))
-  assert_trees_close(step_grads, adversarial, rtol=1e-4, atol=1e-5)
+  assert_close(step_grads, adversarial, rtol=1e-4, atol=1e-5)
   # ASAM on every leaf perturbs the biases too, and ends elsewhere.
-  everywhere = plain_grad(perturbed(grads, plain, rho=1.0, eta=0.01), X, Y)
+  everywhere = plain_grad(perturbed_params(grads, plain, rho=1.0, eta=0.01, adaptive=True), X, Y)
   assert_trees_differ(step_grads, everywhere, atol=1e-3)
 
 
@@ -275,17 +249,17 @@ def test_batch_norm_state_and_dropout_key_of_the_clean_pass():
   stepped, new_state, _, value = bn_step(tx, model, state, tx.init(params), X, Y, key)
 
   clean_value, grads, clean_state = bn_grad(model, state, key, X)
-  w_eps = eqx.combine(perturbed(grads, params, rho=1.0, eta=0.01), rest)
+  w_eps = eqx.combine(perturbed_params(grads, params, rho=1.0, eta=0.01, adaptive=True), rest)
   _, adversarial, perturbed_state = bn_grad(w_eps, state, key, X)
   _, other_key, _ = bn_grad(w_eps, state, jax.random.key(8, impl="rbg"), X)
   _, from_new_state, _ = bn_grad(w_eps, clean_state, key, X)
 
   step_grads = jax.tree.map(lambda a, b: a - b, params, eqx.filter(stepped, eqx.is_inexact_array))
   np.testing.assert_allclose(value, clean_value, rtol=1e-6)
-  assert_trees_close(step_grads, adversarial, rtol=1e-4, atol=1e-5)
+  assert_close(step_grads, adversarial, rtol=1e-4, atol=1e-5)
   # Another dropout key, or the statistics the clean pass wrote, give another gradient.
   assert_trees_differ(step_grads, other_key, atol=1e-2)
   assert_trees_differ(step_grads, from_new_state, atol=1e-3)
   # The state is the clean pass's; the perturbed pass's is dropped.
-  assert_trees_close(floats(new_state), floats(clean_state), rtol=1e-6)
+  assert_close(floats(new_state), floats(clean_state), rtol=1e-6)
   assert_trees_differ(floats(new_state), floats(perturbed_state), atol=1e-4)

@@ -7,6 +7,7 @@ float64 NumPy reference of the paper's formula, never from asam_jax.
 
 import functools
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -14,8 +15,15 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
-import reference
 from flax import nnx
+from helpers import (
+  METHODS,
+  WITH_REFERENCE,
+  assert_close,
+  assert_trees_differ,
+  host,
+  perturbed_params,
+)
 
 import asam_jax
 import asam_jax.flax
@@ -24,32 +32,6 @@ RNG = np.random.default_rng(0)
 X = jnp.asarray(RNG.normal(size=(16, 3)), jnp.float32)
 Y = jnp.asarray(RNG.normal(size=(16, 1)), jnp.float32)
 KEY = jax.random.key(7)
-
-# The transformation's constructor (has_aux is the caller's), and the reference's arguments.
-METHODS = {
-  "sam": (functools.partial(asam_jax.sam, rho=0.3), dict(rho=0.3)),
-  "asam": (functools.partial(asam_jax.asam, rho=1.0, eta=0.01), dict(rho=1.0, eta=0.01)),
-}
-
-
-def perturbed_params(grads, params, *, rho, eta=None):
-  """w + eps with eps from the float64 reference (ASAM on every leaf when eta is given)."""
-  g, w = jax.tree.leaves(grads), jax.tree.leaves(params)
-  adaptive = None if eta is None else [True] * len(w)
-  e = reference.perturbation(g, w, rho=rho, eta=eta or 0.0, adaptive=adaptive)
-  new = [np.asarray(a, np.float64) + b for a, b in zip(w, e)]
-  return jax.tree.unflatten(jax.tree.structure(params), [jnp.asarray(a, jnp.float32) for a in new])
-
-
-def assert_trees_close(got, want, rtol=1e-5, atol=1e-6):
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=rtol, atol=atol), got, want)
-
-
-def assert_trees_differ(got, want, atol=1e-3):
-  gap = max(
-    float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want))
-  )
-  assert gap > atol, gap
 
 
 # --- Linen: asam_jax.flax.TrainState and the train-step pattern of the README --
@@ -102,12 +84,11 @@ def linen_state(tx):
 @functools.cache
 def linen_one_step(method):
   """One step with chain(method, sgd(1)), and the hand-built passes it should equal."""
-  make, kwargs = METHODS[method]
-  state = linen_state(optax.chain(make(has_aux=True), optax.sgd(1.0)))
+  state = linen_state(optax.chain(METHODS[method].build(has_aux=True), optax.sgd(1.0)))
   stepped, _ = linen_step(state, X, Y, KEY)
   loss = linen_loss(state, X, Y, KEY)
   (_, clean_stats), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
-  w_eps = perturbed_params(grads, state.params, **kwargs)
+  w_eps = perturbed_params(grads, state.params, **METHODS[method].reference)
   (_, perturbed_stats), adversarial = jax.value_and_grad(loss, has_aux=True)(w_eps)
   other_key = linen_loss(state, X, Y, jax.random.key(8))
   _, other_adversarial = jax.value_and_grad(other_key, has_aux=True)(w_eps)
@@ -115,19 +96,19 @@ def linen_one_step(method):
   return stepped, step_grads, clean_stats, perturbed_stats, adversarial, other_adversarial
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", WITH_REFERENCE)
 def test_linen_batch_stats_come_from_the_clean_pass_only(method):
   stepped, _, clean_stats, perturbed_stats, _, _ = linen_one_step(method)
-  assert_trees_close(stepped.batch_stats, clean_stats, rtol=1e-6)
+  assert_close(stepped.batch_stats, clean_stats, rtol=1e-6)
   # The perturbed pass would have written other statistics, so the check above can fail.
   assert_trees_differ(stepped.batch_stats, perturbed_stats, atol=1e-4)
   assert int(stepped.step) == 1 and int(stepped.opt_state[0].count) == 1
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", WITH_REFERENCE)
 def test_linen_perturbed_pass_uses_the_clean_dropout_key(method):
   _, step_grads, _, _, adversarial, other_adversarial = linen_one_step(method)
-  assert_trees_close(step_grads, adversarial, rtol=1e-4, atol=1e-5)
+  assert_close(step_grads, adversarial, rtol=1e-4, atol=1e-5)
   # Another key drops other units, and gives a clearly different gradient.
   assert_trees_differ(step_grads, other_adversarial, atol=1e-2)
 
@@ -146,11 +127,11 @@ def test_linen_apply_gradients_lets_a_plain_optimizer_ignore_the_closure():
     state.apply_gradients(grads=state.params, loss_fn=lambda p: 0.0),
     state.apply_gradients(grads=state.params),
   ):
-    assert_trees_close(stepped.params, want, rtol=1e-6)
+    assert_close(stepped.params, want, rtol=1e-6)
     assert stepped.tx is state.tx and int(stepped.step) == 1
   # As for a transformation that needs no closure, such as Momentum-SAM.
   msam = linen_state(asam_jax.momentum_sam(0.1, rho=0.0))
-  assert_trees_close(msam.apply_gradients(grads=msam.params).params, want, rtol=1e-6)
+  assert_close(msam.apply_gradients(grads=msam.params).params, want, rtol=1e-6)
 
 
 # --- NNX: nnx.Optimizer with asam_jax.flax.nnx_value_and_grad -------------------
@@ -190,12 +171,13 @@ def test_nnx_wrt_other_than_the_optimizers_says_to_pass_the_same():
     optimizer.update(model, all_grads, loss_fn=loss_fn)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", WITH_REFERENCE)
 def test_nnx_step_equals_the_hand_built_reference(method):
-  make, kwargs = METHODS[method]
   model = NnxNet(nnx.Rngs(params=0, dropout=1))
   # nnx_value_and_grad's closure returns the bare loss, so tx needs no has_aux.
-  optimizer = nnx.Optimizer(model, optax.chain(make(), optax.sgd(1.0)), wrt=nnx.Param)
+  optimizer = nnx.Optimizer(
+    model, optax.chain(METHODS[method].build(), optax.sgd(1.0)), wrt=nnx.Param
+  )
   before = nnx.clone(model)
   value = nnx_step(model, optimizer, X, Y)
 
@@ -206,7 +188,7 @@ def test_nnx_step_equals_the_hand_built_reference(method):
   (clean_value, _), grads = grad_fn(clean, X, Y)
   params = nnx.as_pure(nnx.state(before, nnx.Param))
   perturbed = nnx.clone(before)
-  nnx.update(perturbed, perturbed_params(nnx.as_pure(grads), params, **kwargs))
+  nnx.update(perturbed, perturbed_params(nnx.as_pure(grads), params, **METHODS[method].reference))
   adversarial = nnx.as_pure(grad_fn(perturbed, X, Y)[1])
   perturbed_stats = nnx.as_pure(nnx.state(perturbed, nnx.BatchStat))
   # perturbed's dropout stream has advanced: a second pass drops other units.
@@ -214,11 +196,11 @@ def test_nnx_step_equals_the_hand_built_reference(method):
 
   step_grads = jax.tree.map(lambda a, b: a - b, params, nnx.as_pure(nnx.state(model, nnx.Param)))
   np.testing.assert_allclose(value, clean_value, rtol=1e-6)
-  assert_trees_close(step_grads, adversarial, rtol=1e-4, atol=1e-5)
+  assert_close(step_grads, adversarial, rtol=1e-4, atol=1e-5)
   assert_trees_differ(step_grads, other_adversarial, atol=1e-2)
   # Statistics and RNG counts are those of the clean pass alone.
   stats = nnx.as_pure(nnx.state(model, nnx.BatchStat))
-  assert_trees_close(stats, nnx.as_pure(nnx.state(clean, nnx.BatchStat)), rtol=1e-6)
+  assert_close(stats, nnx.as_pure(nnx.state(clean, nnx.BatchStat)), rtol=1e-6)
   assert_trees_differ(stats, perturbed_stats, atol=1e-4)
   counts = [int(c) for c in jax.tree.leaves(nnx.state(model, nnx.RngCount))]
   assert counts == [int(c) for c in jax.tree.leaves(nnx.state(clean, nnx.RngCount))] == [1]
@@ -234,6 +216,7 @@ def linen_run_step(state):
   return linen_step(state, X, Y, jax.random.fold_in(KEY, state.step))[0]
 
 
+@pytest.mark.slow
 def test_resumed_run_follows_the_uninterrupted_trajectory(tmp_path):
   tx = optax.chain(
     asam_jax.asam(rho=0.5, eta=0.01, has_aux=True),
@@ -254,19 +237,14 @@ def test_resumed_run_follows_the_uninterrupted_trajectory(tmp_path):
 
   assert isinstance(state, asam_jax.flax.TrainState) and state.tx is tx
   assert isinstance(state.opt_state[0], asam_jax.SAMState)
-  jax.tree.map(np.testing.assert_array_equal, state, uninterrupted[2])
+  chex.assert_trees_all_equal(state, uninterrupted[2])
   for want in uninterrupted[3:]:
     state = linen_run_step(state)
-    jax.tree.map(np.testing.assert_array_equal, state, want)
+    chex.assert_trees_all_equal(state, want)
   assert int(state.opt_state[0].count) == 6
 
 
-def key_data(tree):
-  """Typed PRNG keys as their integer data, which NumPy can compare."""
-  is_key = lambda a: jnp.issubdtype(a.dtype, jax.dtypes.prng_key)
-  return jax.tree.map(lambda a: jax.random.key_data(a) if is_key(a) else a, tree)
-
-
+@pytest.mark.slow
 def test_resumed_nnx_run_follows_the_uninterrupted_trajectory(tmp_path):
   def fresh():
     model = NnxNet(nnx.Rngs(params=0, dropout=1))
@@ -278,7 +256,7 @@ def test_resumed_nnx_run_follows_the_uninterrupted_trajectory(tmp_path):
   uninterrupted = []
   for step in range(5):
     nnx_step(model, optimizer, X, Y)
-    uninterrupted.append(key_data(nnx.as_pure(nnx.state((model, optimizer)))))
+    uninterrupted.append(host(nnx.as_pure(nnx.state((model, optimizer)))))
     if step == 1:
       checkpointer.save(tmp_path / "step2", nnx.state((model, optimizer)))
   checkpointer.wait_until_finished()
@@ -289,11 +267,9 @@ def test_resumed_nnx_run_follows_the_uninterrupted_trajectory(tmp_path):
     (model, optimizer), checkpointer.restore(tmp_path / "step2", nnx.state((model, optimizer)))
   )
   assert isinstance(optimizer.opt_state[0], asam_jax.SAMState)
-  restored = key_data(nnx.as_pure(nnx.state((model, optimizer))))
-  jax.tree.map(np.testing.assert_array_equal, restored, uninterrupted[1])
+  restored = host(nnx.as_pure(nnx.state((model, optimizer))))
+  chex.assert_trees_all_equal(restored, uninterrupted[1])
   for want in uninterrupted[2:]:
     nnx_step(model, optimizer, X, Y)
-    jax.tree.map(
-      np.testing.assert_array_equal, key_data(nnx.as_pure(nnx.state((model, optimizer)))), want
-    )
+    chex.assert_trees_all_equal(host(nnx.as_pure(nnx.state((model, optimizer)))), want)
   assert int(optimizer.opt_state[0].count[...]) == 5

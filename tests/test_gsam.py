@@ -7,8 +7,7 @@ import numpy as np
 import optax
 import pytest
 import reference
-from loops import W0_FLAT, flat, grad64, run
-from test_sam import W0, f32
+from helpers import W0, W0_FLAT, f32, flat, grad64, run
 
 import asam_jax
 

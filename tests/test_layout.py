@@ -17,11 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import LR, METHODS, RHO, STEPS, assert_close, f32, host, ls_loss, msam64, scan_steps
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from loops import scan_steps
-from test_parallel import host, msam64
-from test_sam import assert_close, f32, ls_loss
 
 import asam_jax
 
@@ -30,15 +28,10 @@ RNG = np.random.default_rng(1)
 KX = RNG.normal(size=(16, 8))
 KY = RNG.normal(size=(16, 4))
 KW = {"b": RNG.normal(size=4), "w": RNG.normal(size=(8, 4))}
-RHO, LR, STEPS = 0.2, 0.1, 3  # looksam with k = 2: a full, a reuse and a full step
 
 TXS = {
-  "sam": optax.chain(asam_jax.sam(RHO), optax.sgd(LR)),
-  "asam": optax.chain(asam_jax.asam(0.5, eta=0.01), optax.sgd(LR)),
-  "gsam": optax.chain(asam_jax.gsam(RHO, alpha=0.3), optax.sgd(LR)),
-  "looksam": optax.chain(asam_jax.looksam(RHO, k=2, alpha=0.7), optax.sgd(LR)),
-  "random_sam": optax.chain(asam_jax.random_sam(jax.random.key(3), RHO), optax.sgd(LR)),
-  "momentum_sam": optax.chain(asam_jax.momentum_sam(LR, rho=RHO)),  # takes and drops loss_fn
+  name: METHODS[name].chain()
+  for name in ("sam", "asam", "gsam", "looksam", "random_sam", "momentum_sam")
 }
 # optax's own SAM, as its documentation builds it.
 OPTAX_SAM = optax.contrib.sam(
@@ -109,7 +102,10 @@ SHARDED_CASES = [
 
 
 @pytest.mark.parametrize(
-  "kernel, batch, methods", SHARDED_CASES, ids=[f"{c[0]}-batch{c[1]}" for c in SHARDED_CASES]
+  "kernel, batch, methods",
+  # the first case, every method, is slow; the others keep sharded jit in the fast tier
+  [pytest.param(*SHARDED_CASES[0], marks=pytest.mark.slow), *SHARDED_CASES[1:]],
+  ids=[f"{c[0]}-batch{c[1]}" for c in SHARDED_CASES],
 )
 def test_sharded_jit_is_one_device_keeps_the_sharding_and_gathers_no_more_than_optax(
   kernel, batch, methods
@@ -142,6 +138,7 @@ def test_sharded_jit_is_one_device_keeps_the_sharding_and_gathers_no_more_than_o
     assert gathers["optax"] >= 2, gathers
 
 
+@pytest.mark.slow
 def test_sharpness_under_sharded_jit_is_one_device():
   @jax.jit
   def sharpnesses(key, params, x, y):
@@ -268,17 +265,6 @@ def test_tensor_parallel_with_msam_over_data_is_per_data_group():
 
 # --- refusals, each saying what to change -----------------------------------------------
 
-ALL = {
-  "sam": lambda **kw: asam_jax.sam(RHO, **kw),
-  "asam": lambda **kw: asam_jax.asam(0.5, **kw),
-  "gsam": lambda **kw: asam_jax.gsam(RHO, **kw),
-  "looksam": lambda **kw: asam_jax.looksam(RHO, k=2, **kw),
-  "random_sam": lambda **kw: asam_jax.random_sam(jax.random.key(0), RHO, **kw),
-  # chained, so that update takes (and drops) loss_fn
-  "momentum_sam": lambda **kw: optax.chain(asam_jax.momentum_sam(LR, rho=RHO, **kw)),
-  "momentum_sam_adamw": lambda **kw: optax.chain(asam_jax.momentum_sam_adamw(rho=RHO, **kw)),
-}
-
 
 def update_fn(tx, loss, local=None):
   """``params, *batch -> tx.update`` from a fresh state, the gradient taken at ``local(params)``."""
@@ -291,9 +277,9 @@ def update_fn(tx, loss, local=None):
   return update
 
 
-@pytest.mark.parametrize("method", ALL)
+@pytest.mark.parametrize("method", METHODS)
 def test_an_unbound_axis_name_is_refused_saying_where_to_call_update(method):
-  update = update_fn(ALL[method](axis_name="data"), ls_loss)
+  update = update_fn(METHODS[method].chain(axis_name="data"), ls_loss)
   with pytest.raises(
     ValueError,
     match=r"not running under an axis of that name.*jax\.pmap\(\.\.\., axis_name='data'\), "
@@ -302,10 +288,10 @@ def test_an_unbound_axis_name_is_refused_saying_where_to_call_update(method):
     jax.eval_shape(jax.jit(update), f32(KW), f32(KX), f32(KY))
 
 
-@pytest.mark.parametrize("method", ALL)
+@pytest.mark.parametrize("method", METHODS)
 def test_a_device_axis_left_unnamed_is_refused_saying_to_name_it(method):
   """Under pmap, or shard_map(check_vma=False), replicated and sharded params look alike."""
-  update = update_fn(ALL[method](), ls_loss)
+  update = update_fn(METHODS[method].chain(), ls_loss)
   match = (
     r"inside pmap or shard_map\(check_vma=False\) over the axes \('data',\), which axis_name "
     r"does not name.*build with axis_name='data'.*check_vma=True"
@@ -331,9 +317,9 @@ def test_a_device_axis_left_unnamed_is_refused_saying_to_name_it(method):
     )
 
 
-@pytest.mark.parametrize("method", ALL)
+@pytest.mark.parametrize("method", METHODS)
 def test_naming_a_sharding_axis_is_refused_saying_to_drop_it(method):
-  update = update_fn(ALL[method](axis_name="d"), fsdp_loss)
+  update = update_fn(METHODS[method].chain(axis_name="d"), fsdp_loss)
   with pytest.raises(
     ValueError,
     match=r"params leaf \['w'\] varies over the shard_map axis 'd'.*If the params are replicated, "
@@ -351,7 +337,7 @@ def test_naming_a_sharding_axis_is_refused_saying_to_drop_it(method):
 @pytest.mark.parametrize("method", ["gsam", "looksam", "random_sam"])
 def test_sync_perturbation_without_axis_name_is_refused(method):
   with pytest.raises(ValueError, match=r"sync_perturbation=True .* needs axis_name"):
-    ALL[method](sync_perturbation=True)
+    METHODS[method].build(sync_perturbation=True)
 
 
 def test_alternating_with_msam_is_refused_saying_to_sync():

@@ -3,15 +3,13 @@
 import functools
 
 import chex
-import hlo
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 import reference
-from loops import W0_FLAT, flat, grad64, run
-from test_sam import W0, X, Y, f32, ls_loss
+from helpers import W0, W0_FLAT, X, Y, f32, flat, grad64, ls_loss, ops_inside_conditionals, run
 
 import asam_jax
 
@@ -107,10 +105,10 @@ def test_static_full_step_equals_the_cond_and_compiles_no_conditional():
     want, want_state = step(want, want_state)
   chex.assert_trees_all_close((params, state), (want, want_state), rtol=1e-6, atol=1e-7)
   # The loss's dot runs inside a conditional branch only in the lax.cond version.
-  assert "dot" in hlo.ops_inside_conditionals(step.lower(params, state).compile().as_text())
+  assert "dot" in ops_inside_conditionals(step.lower(params, state).compile().as_text())
   for full_step in (True, False):
     compiled = step.lower(params, state, full_step=full_step).compile().as_text()
-    assert "dot" not in hlo.ops_inside_conditionals(compiled)
+    assert "dot" not in ops_inside_conditionals(compiled)
   with pytest.raises(TypeError, match="full_step must be a Python bool"):
     tx.update(params, state, params, loss_fn=lambda p: ls_loss(p, X, Y), full_step=jnp.array(1))
 

@@ -6,8 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from loops import W0_FLAT, flat, grad64
-from test_sam import W0, X, Y, f32, ls_loss
+from helpers import W0, W0_FLAT, X, Y, f32, flat, grad64, ls_loss
 
 import asam_jax
 

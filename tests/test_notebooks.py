@@ -10,6 +10,8 @@ from nbclient import NotebookClient
 
 import asam_jax
 
+pytestmark = pytest.mark.slow
+
 NOTEBOOK_DIR = Path(__file__).parent.parent / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 

@@ -18,34 +18,41 @@ import sys
 
 import chex
 import jax
-import jax.numpy as jnp
 import multihost_worker
 import numpy as np
 import optax
 import pytest
 import reference
+from helpers import (
+  LR,
+  METHODS,
+  RHO,
+  STEPS,
+  W0,
+  W0_FLAT,
+  WITH_REFERENCE,
+  X,
+  Y,
+  assert_close,
+  f32,
+  flat,
+  host,
+  ls_grad64,
+  ls_loss,
+  ls_loss64,
+  mean,
+  msam64,
+  sam_grad64,
+  scan_steps,
+  unflat,
+)
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from loops import W0_FLAT, flat, scan_steps, unflat
 from peers import msam as msam_port
-from test_sam import W0, X, Y, assert_close, f32, ls_grad64, ls_loss, ls_loss64, sam_grad64
 
 import asam_jax
 
 N = 4  # conftest.py forces 4 host devices
-RHO = 0.2
-
-
-def mean(trees):
-  return jax.tree.map(lambda *a: np.mean(a, 0), *trees)
-
-
-def msam64(w, x, y, num_groups, *, sync=False, **kwargs):
-  """The reference: (mean perturbed gradient, mean perturbed loss) over equal groups."""
-  xs, ys = np.split(x, num_groups), np.split(y, num_groups)
-  g = mean([ls_grad64(w, a, b) for a, b in zip(xs, ys)]) if sync else None
-  per_group = [sam_grad64(w, a, b, g=g, **kwargs) for a, b in zip(xs, ys)]
-  return mean([d[0] for d in per_group]), np.mean([d[2] for d in per_group])
 
 
 MESH = jax.make_mesh((N,), ("data",))
@@ -128,11 +135,11 @@ def test_naive_shard_map_gradient_is_summed_and_refused():
 
 # --- the variants, per device ----------------------------------------------------------
 
-LR, STEPS = multihost_worker.LR, multihost_worker.STEPS
-ALPHA_GSAM = 0.3
-K, ALPHA_LOOK = multihost_worker.LOOKSAM["k"], multihost_worker.LOOKSAM["alpha"]
-RANDOM_KEY = jax.random.key(7)
-ADAMW = dict(learning_rate=0.05, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01)
+# The references below read the hyperparameters the registry builds with.
+ALPHA_GSAM = METHODS["gsam"].kwargs["alpha"]
+K, ALPHA_LOOK = METHODS["looksam"].kwargs["k"], METHODS["looksam"].kwargs["alpha"]
+RANDOM_KEY = METHODS["random_sam"].kwargs["key"]
+ADAMW = METHODS["momentum_sam_adamw"].kwargs
 
 
 def variant(method, axis_name, sync=False):
@@ -141,26 +148,14 @@ def variant(method, axis_name, sync=False):
   Every result is an ``optax.chain``, so every ``update`` takes (or ignores) ``loss_fn``.
   """
   dp = dict(axis_name=axis_name, **({"sync_perturbation": True} if sync else {}))
-  sgd = optax.sgd(LR)
-  return {
-    "gsam": lambda: optax.chain(asam_jax.gsam(rho=RHO, alpha=ALPHA_GSAM, **dp), sgd),
-    "looksam": lambda: optax.chain(asam_jax.looksam(rho=RHO, k=K, alpha=ALPHA_LOOK, **dp), sgd),
-    "random_sam": lambda: optax.chain(asam_jax.random_sam(RANDOM_KEY, rho=RHO, **dp), sgd),
-    "momentum_sam": lambda: optax.chain(asam_jax.momentum_sam(LR, rho=RHO, momentum=0.9, **dp)),
-    "momentum_sam_adamw": lambda: optax.chain(asam_jax.momentum_sam_adamw(rho=RHO, **ADAMW, **dp)),
+  if method == "alternating":
     # closure-free: 2 calls (ascent, descent) per SAM step; with axis_name only in sync mode
-    "alternating": lambda: optax.chain(asam_jax.alternating(asam_jax.sam(rho=RHO, **dp), sgd)),
-  }[method]()
+    return optax.chain(asam_jax.alternating(METHODS["sam"].build(**dp), optax.sgd(LR)))
+  return METHODS[method].chain(**dp)
 
 
 def calls(method):
   return 2 * STEPS if method == "alternating" else STEPS
-
-
-def host(tree):
-  """``tree`` as NumPy arrays, PRNG keys as their key data."""
-  is_key = lambda a: jnp.issubdtype(a.dtype, jax.dtypes.prng_key)
-  return jax.tree.map(lambda a: np.asarray(jax.random.key_data(a) if is_key(a) else a), tree)
 
 
 def parts(n):
@@ -354,9 +349,8 @@ def device(tree, i):
 @pytest.mark.parametrize("method, sync", VARIANT_CASES)
 def test_variants_under_pmap_stay_replicated_and_match_the_reference(method, sync):
   run = pmap_run(method, sync)
-  for leaf in jax.tree.leaves(run):  # every device's params and state, bit for bit
-    for i in range(1, N):
-      np.testing.assert_array_equal(leaf[i], leaf[0])
+  # every device's params and state, bit for bit
+  chex.assert_trees_all_equal(*[device(run, i) for i in range(N)])
   check_reference(method, sync, *device(run, 0))
   if method in ("gsam", "looksam", "random_sam") and not sync:
     # the per-device reference is not the global one: the test tells the modes apart
@@ -425,21 +419,12 @@ def grouped(tx, num_groups, params, x, y):
 grouped_step = jax.jit(grouped, static_argnums=(0, 1))
 
 
-GROUPED_METHODS = {
-  "sam": (lambda: asam_jax.sam(rho=RHO, axis_name="groups"), dict(rho=RHO)),
-  "asam": (
-    lambda: asam_jax.asam(rho=0.5, eta=0.01, axis_name="groups"),
-    dict(rho=0.5, eta=0.01, adaptive=True),
-  ),
-}
-
-
 @pytest.mark.parametrize("num_groups", [1, 4, 8])
-@pytest.mark.parametrize("method", GROUPED_METHODS)
+@pytest.mark.parametrize("method", WITH_REFERENCE)
 def test_grouped_update_matches_per_group_reference(method, num_groups):
-  make, ref_kwargs = GROUPED_METHODS[method]
-  updates, state, loss = grouped_step(make(), num_groups, f32(W0), X, Y)
-  want, perturbed_loss = msam64(W0, X, Y, num_groups, **ref_kwargs)
+  tx = METHODS[method].build(axis_name="groups")
+  updates, state, loss = grouped_step(tx, num_groups, f32(W0), X, Y)
+  want, perturbed_loss = msam64(W0, X, Y, num_groups, **METHODS[method].reference)
   assert_close(updates, want)
   np.testing.assert_allclose(state.perturbed_loss, perturbed_loss, rtol=1e-5)
   np.testing.assert_allclose(loss, ls_loss64(W0, X, Y), rtol=1e-5)  # equal groups: the mean
@@ -471,6 +456,7 @@ def test_grouped_update_variants_match_per_group_reference(method):
   check_reference(method, False, *host(train(f32(W0))))
 
 
+@pytest.mark.slow
 def test_grouped_update_chains_and_returns_aux():
   tx = optax.chain(asam_jax.sam(rho=RHO, axis_name="groups", has_aux=True), optax.sgd(0.1))
   loss_fn = lambda p, b: (ls_loss(p, *b), b[0].shape[0])
@@ -544,6 +530,7 @@ def free_port():
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["sam", "looksam"])
 def test_two_processes_match_the_single_process_run(tmp_path, method):
   """2 processes x 2 CPU devices, gloo collectives, equal the 4-device run here.
@@ -581,7 +568,6 @@ def test_two_processes_match_the_single_process_run(tmp_path, method):
         proc.wait()
 
   params, state = multihost_worker.train(MESH, method)
-  assert multihost_worker.RHO == RHO
   if method == "sam":
     w = W0
     for _ in range(STEPS):  # the float64 mSAM trajectory
@@ -594,14 +580,14 @@ def test_two_processes_match_the_single_process_run(tmp_path, method):
   here = jax.tree.leaves((params, state))
   for out in outs:
     with np.load(out) as got:
-      assert len(got.files) == len(here)
-      for i, leaf in enumerate(here):
-        np.testing.assert_allclose(got[f"arr_{i}"], leaf, rtol=1e-6, atol=1e-7)
+      saved = [got[f"arr_{i}"] for i in range(len(got.files))]
+    chex.assert_trees_all_close(saved, here, rtol=1e-6, atol=1e-7)
 
 
 # --- the example ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_data_parallel_example_runs_and_its_modes_agree():
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the script sets its own
   result = subprocess.run(

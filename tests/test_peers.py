@@ -7,12 +7,14 @@ are compared with the float64 ports step by step.
 
 import functools
 
+import chex
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import f32
 from peers import (
   big_vision_gsam,
   davda54_sam,
@@ -63,10 +65,6 @@ def mlp_grad64(w, x=X, y=Y):
   }
 
 
-def f32(tree):
-  return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), tree)
-
-
 @functools.partial(jax.jit, static_argnums=(0, 2))
 def trajectory(tx, params, steps):
   """Params and optimizer state after each of ``steps`` updates of ``tx`` on mlp_loss."""
@@ -85,10 +83,7 @@ def at(tree, i):
 
 
 def assert_named_close(got_tree, want_named, rtol=1e-5, atol=1e-6):
-  got = to_named(got_tree)
-  assert got.keys() == want_named.keys()
-  for n in got:
-    np.testing.assert_allclose(got[n], want_named[n], rtol=rtol, atol=atol, err_msg=n)
+  chex.assert_trees_all_close(to_named(got_tree), want_named, rtol=rtol, atol=atol)
 
 
 def sgd_base(lr, momentum=0.0):

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference
+from helpers import f32
 from hypothesis import given, settings
 
 import asam_jax
@@ -24,10 +25,6 @@ def _tree(seed=0):
     "dense": {"kernel": rng.normal(size=(4, 3)), "bias": rng.normal(size=3)},
     "extra": [rng.normal(), rng.normal(size=(2, 2))],
   }
-
-
-def _f32(tree):
-  return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)
 
 
 def _leaves64(tree):
@@ -56,14 +53,13 @@ CASES = {
 def test_matches_reference(case, p):
   kwargs, ref_kwargs = CASES[case]
   g, w = _tree(0), _tree(1)
-  got = asam_jax.perturbation(_f32(g), _f32(w), rho=0.3, p=p, **kwargs)
+  got = asam_jax.perturbation(f32(g), f32(w), rho=0.3, p=p, **kwargs)
   w_leaves = _leaves64(w)
   want = reference.perturbation(_leaves64(g), w_leaves, rho=0.3, p=p, **ref_kwargs(w_leaves))
   # jax.tree.leaves orders dict keys alphabetically: bias before kernel.
   assert [k.key for k in jax.tree_util.tree_leaves_with_path(w)[0][0]] == ["dense", "bias"]
-  for a, b in zip(jax.tree.leaves(got), want):
-    np.testing.assert_allclose(np.asarray(a, np.float64), b, rtol=2e-5, atol=1e-7)
-  chex.assert_trees_all_equal_shapes_and_dtypes(got, _f32(w))
+  chex.assert_trees_all_close(jax.tree.leaves(got), want, rtol=2e-5, atol=1e-7)
+  chex.assert_trees_all_equal_shapes_and_dtypes(got, f32(w))
 
 
 @pytest.mark.parametrize("p", P_VALUES)
@@ -92,7 +88,7 @@ def test_reference_attains_the_holder_maximum(p):
 @pytest.mark.parametrize("p", P_VALUES)
 @pytest.mark.parametrize("adaptive", [False, True])
 def test_zero_gradient_gives_zero_not_nan(p, adaptive):
-  w = _f32(_tree(1))
+  w = f32(_tree(1))
   got = asam_jax.perturbation(
     jax.tree.map(jnp.zeros_like, w), w, rho=0.5, eta=0.0, adaptive=adaptive, p=p
   )
@@ -110,13 +106,12 @@ def test_norm_is_accumulated_in_float32_for_half_precision():
 
 
 def test_jits_with_traced_rho_and_eta():
-  g, w = _f32(_tree(0)), _f32(_tree(1))
+  g, w = f32(_tree(0)), f32(_tree(1))
   fn = jax.jit(lambda g, w, rho, eta: asam_jax.perturbation(g, w, rho=rho, eta=eta, adaptive=True))
   got = fn(g, w, 0.3, 0.01)
   wl = _leaves64(_tree(1))
   want = reference.perturbation(_leaves64(_tree(0)), wl, rho=0.3, eta=0.01, adaptive=[True] * 4)
-  for a, b in zip(jax.tree.leaves(got), want):
-    np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7)
+  chex.assert_trees_all_close(jax.tree.leaves(got), want, rtol=2e-5, atol=1e-7)
 
 
 # --- property tests over random pytrees --------------------------------------
@@ -155,6 +150,7 @@ def _build(spec, rng, zeros):
   return jax.tree.map(leaf, spec)
 
 
+@pytest.mark.slow
 @given(
   spec=tree_specs,
   seed=st.integers(0, 2**31 - 1),
@@ -175,8 +171,7 @@ def test_property_random_pytrees(spec, seed, p, adaptive, zeros):
   want = reference.perturbation(_leaves64(g), w_leaves, rho=rho, eta=eta, adaptive=flags, p=p)
   tol = max([TOL[x.dtype.type] for x in jax.tree.leaves(w)], default=1e-5)
   scale = max([np.abs(x).max(initial=0) for x in want], default=0)
-  for a, b in zip(got_leaves, want):
-    np.testing.assert_allclose(a, b, rtol=tol, atol=tol * scale)
+  chex.assert_trees_all_close(got_leaves, want, rtol=tol, atol=tol * scale)
   if reference.dual_norm(_leaves64(g), w_leaves, eta=eta, adaptive=flags, p=p) > 0:
     norm = reference.ball_norm(got_leaves, w_leaves, eta=eta, adaptive=flags, p=p)
     np.testing.assert_allclose(norm, rho, rtol=2 * tol)
@@ -231,16 +226,15 @@ def test_radius_is_rho_for_gradients_across_the_dtype_range(dtype, p, adaptive, 
   np.testing.assert_allclose(reached, 0.5, rtol=tol)
   want = reference.perturbation(_leaves64(g), w64, rho=0.5, eta=ETA, adaptive=flags, p=p)
   scale = max(np.abs(x).max() for x in want)
-  for a, b in zip(eps64, want):
-    np.testing.assert_allclose(a, b, rtol=tol, atol=tol * scale)
+  chex.assert_trees_all_close(eps64, want, rtol=tol, atol=tol * scale)
 
 
 @pytest.mark.parametrize("p", [2, math.inf, 1, 3])
 @pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
 def test_a_non_finite_gradient_makes_every_eps_nan(p, bad):
   """Never a finite wrong step: optax.apply_if_finite can then skip it."""
-  w = _f32(_tree(1))
-  g = _f32(_tree(0))
+  w = f32(_tree(1))
+  g = f32(_tree(0))
   g["dense"]["kernel"] = g["dense"]["kernel"].at[1, 2].set(bad)
   got = asam_jax.perturbation(g, w, rho=0.5, eta=ETA, adaptive=True, p=p)
   assert all(np.all(np.isnan(x)) for x in jax.tree.leaves(got))
@@ -250,7 +244,7 @@ def test_a_non_finite_gradient_makes_every_eps_nan(p, bad):
 @pytest.mark.parametrize("value", [-0.1, np.nan, np.inf])
 def test_invalid_run_time_hyperparameters_make_eps_nan(name, value):
   """A schedule crossing zero, or a value injected under jit, cannot be checked up front."""
-  g, w = _f32(_tree(0)), _f32(_tree(1))
+  g, w = f32(_tree(0)), f32(_tree(1))
   fn = jax.jit(
     lambda h: asam_jax.perturbation(g, w, adaptive=True, **{"rho": 0.3, "eta": 0.01, name: h})
   )
@@ -301,7 +295,7 @@ def test_grads_of_another_shape_are_refused_with_the_leaf_path():
   ],
 )
 def test_bad_input_is_refused(kwargs, error, match):
-  w = _f32(_tree(1))
+  w = f32(_tree(1))
   with pytest.raises(error, match=match):
     asam_jax.perturbation(w, w, **kwargs)
 

@@ -1,5 +1,6 @@
 """random_sam: the perturbation lies on the (adaptive) rho-sphere and follows its key."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -55,8 +56,7 @@ def test_same_key_same_run_and_a_new_draw_every_step():
   again = three_steps(jax.random.key(0))
   other = three_steps(jax.random.key(1))
   grads = lambda run: [g for grads, _ in run for g in grads]
-  for a, b in zip(jax.tree.leaves(grads(first)), jax.tree.leaves(grads(again))):
-    np.testing.assert_array_equal(a, b)
+  chex.assert_trees_all_equal(grads(first), grads(again))
   np.testing.assert_array_equal(
     jax.random.key_data(first[0][1].key), jax.random.key_data(again[0][1].key)
   )

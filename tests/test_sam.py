@@ -9,72 +9,27 @@ import numpy as np
 import optax
 import pytest
 import reference
+from helpers import (
+  W0,
+  X,
+  Y,
+  assert_close,
+  f32,
+  ls_grad64,
+  ls_loss,
+  ls_loss64,
+  ls_step,
+  mlp_apply,
+  mlp_init,
+  one_update,
+  rescale,
+  sam_grad64,
+  spirals,
+  train,
+  xent,
+)
 
 import asam_jax
-
-# --- a least-squares model whose gradient NumPy computes in closed form ------
-
-RNG = np.random.default_rng(0)
-X = RNG.normal(size=(32, 5))
-Y = RNG.normal(size=(32, 3))
-W0 = {"b": RNG.normal(size=3), "w": RNG.normal(size=(5, 3))}  # leaves in jax's (sorted) order
-
-
-def ls_loss(params, x, y):
-  r = x @ params["w"] + params["b"] - y
-  return 0.5 * jnp.mean(jnp.sum(r**2, axis=-1))
-
-
-def ls_loss64(w, x, y):
-  r = x @ w["w"] + w["b"] - y
-  return 0.5 * np.mean(np.sum(r**2, axis=-1))
-
-
-def ls_grad64(w, x, y):
-  r = x @ w["w"] + w["b"] - y
-  return {"b": r.mean(0), "w": x.T @ r / len(x)}
-
-
-def sam_grad64(w, x, y, *, rho, eta=0.0, adaptive=False, adaptive_flags=None, p=2.0, g=None):
-  """The SAM/ASAM gradient grad L(w + eps) and eps, all in float64."""
-  g = ls_grad64(w, x, y) if g is None else g
-  flags = [adaptive] * 2 if adaptive_flags is None else adaptive_flags
-  e = reference.perturbation(
-    [g["b"], g["w"]], [w["b"], w["w"]], rho=rho, eta=eta, adaptive=flags, p=p
-  )
-  wp = {"b": w["b"] + e[0], "w": w["w"] + e[1]}
-  return ls_grad64(wp, x, y), {"b": e[0], "w": e[1]}, ls_loss64(wp, x, y)
-
-
-def f32(tree):
-  return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), tree)
-
-
-def assert_close(got, want, rtol=2e-5, atol=1e-6):
-  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    np.testing.assert_allclose(np.asarray(a, np.float64), b, rtol=rtol, atol=atol)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def one_update(tx, params, x, y):
-  """One tx.update from a fresh state, as a user would call it."""
-  loss_fn = lambda p: ls_loss(p, x, y)
-  state = tx.init(params)
-  grads = jax.grad(loss_fn)(params)
-  return tx.update(grads, state, params, loss_fn=loss_fn)
-
-
-def ls_step(tx):
-  """A jitted training step of ``tx`` on the least-squares problem."""
-
-  @jax.jit
-  def step(params, state):
-    loss_fn = lambda p: ls_loss(p, X, Y)
-    updates, state = tx.update(jax.grad(loss_fn)(params), state, params, loss_fn=loss_fn)
-    return optax.apply_updates(params, updates), state
-
-  return step
-
 
 METHODS = {
   "sam": (lambda: asam_jax.sam(rho=0.2), dict(rho=0.2)),
@@ -140,44 +95,7 @@ def test_chain_feeds_the_sam_gradient_to_any_optimizer(base):
 # --- a jit-compiled training loop ----------------------------------------------
 
 
-def mlp_init(key, sizes):
-  keys = jax.random.split(key, len(sizes) - 1)
-  return [
-    {"w": jax.random.normal(k, (m, n)) * jnp.sqrt(2.0 / m), "b": jnp.zeros(n)}
-    for k, m, n in zip(keys, sizes[:-1], sizes[1:])
-  ]
-
-
-def mlp_apply(params, x):
-  for layer in params[:-1]:
-    x = jax.nn.relu(x @ layer["w"] + layer["b"])
-  return x @ params[-1]["w"] + params[-1]["b"]
-
-
-def xent(params, x, labels):
-  return optax.softmax_cross_entropy_with_integer_labels(mlp_apply(params, x), labels).mean()
-
-
-def spirals(n, key):
-  t = jax.random.uniform(key, (n,)) * 3 * jnp.pi
-  labels = (jnp.arange(n) % 2).astype(jnp.int32)
-  r = t / (3 * jnp.pi) + 0.1
-  angle = t + jnp.pi * labels
-  return jnp.stack([r * jnp.cos(angle), r * jnp.sin(angle)], 1), labels
-
-
-def train(tx, params, x, labels, steps):
-  def body(carry, _):
-    params, state = carry
-    loss_fn = lambda p: xent(p, x, labels)
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, state = tx.update(grads, state, params, loss_fn=loss_fn)
-    return (optax.apply_updates(params, updates), state), loss
-
-  (params, state), losses = jax.lax.scan(body, (params, tx.init(params)), None, length=steps)
-  return params, state, losses
-
-
+@pytest.mark.slow
 def test_jitted_training_loop_reaches_low_loss():
   x, labels = spirals(256, jax.random.key(1))
   params = mlp_init(jax.random.key(0), [2, 64, 64, 2])
@@ -189,6 +107,7 @@ def test_jitted_training_loop_reaches_low_loss():
   assert int(state[0].count) == 1500 and float(state[0].perturbed_loss) >= float(losses[-1])
 
 
+@pytest.mark.slow
 def test_rho_zero_reproduces_the_base_trajectory():
   x, labels = spirals(64, jax.random.key(1))
   params = mlp_init(jax.random.key(0), [2, 16, 2])
@@ -269,6 +188,7 @@ def test_apply_if_finite_after_sam_skips_a_nan_perturbed_gradient():
 # --- gradient accumulation ------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_sam_before_multisteps():
   """chain(sam, MultiSteps(opt)) averages one SAM gradient per micro-batch."""
   k, rho, lr = 4, 0.2, 0.1
@@ -373,21 +293,6 @@ def test_bad_calls_fail_with_instructions():
 # --- scale invariance (the EPFL report's experiment) ------------------------------
 
 
-def rescale(params, key, low=0.5, high=1.5):
-  """A random positive per-neuron rescaling that leaves a ReLU MLP's function unchanged.
-
-  Each hidden neuron's incoming weights and bias are multiplied by a > 0 and its
-  outgoing weights divided by a.
-  """
-  params = [dict(layer) for layer in params]
-  for i, k in enumerate(jax.random.split(key, len(params) - 1)):
-    a = jax.random.uniform(k, params[i]["b"].shape, minval=low, maxval=high)
-    params[i]["w"] = params[i]["w"] * a
-    params[i]["b"] = params[i]["b"] * a
-    params[i + 1]["w"] = params[i + 1]["w"] / a[:, None]
-  return params
-
-
 @functools.partial(jax.jit, static_argnums=0)
 def perturbed_loss(tx, params, x, labels):
   loss_fn = lambda p: xent(p, x, labels)
@@ -395,6 +300,7 @@ def perturbed_loss(tx, params, x, labels):
   return loss_fn(params), state.perturbed_loss
 
 
+@pytest.mark.slow
 def test_asam_perturbed_loss_is_invariant_to_neuron_rescaling():
   key_data, key_init, key_bias = jax.random.split(jax.random.key(3), 3)
   x = jax.random.normal(key_data, (64, 4))

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from test_sam import mlp_apply, mlp_init, rescale
+from helpers import mlp_apply, mlp_init, rescale
 
 import asam_jax
 
@@ -160,6 +160,7 @@ def mlp_sharpness(params, x, labels):
   )
 
 
+@pytest.mark.slow
 def test_adaptive_sharpness_is_invariant_to_neuron_rescaling_and_plain_is_not():
   x, labels, params = _mlp_problem()
   variants = [params] + [rescale(params, k) for k in jax.random.split(jax.random.key(4), 4)]
