@@ -176,9 +176,10 @@ def bayesian_sam(
   _validation.check_nonnegative("weight_decay", weight_decay)
   _validation.check_nonnegative("damping", damping)
   _validation.check_positive("s_init", s_init)
-  for name, value in (("b1", b1), ("b2", b2)):
-    if not 0 <= value < 1:
-      raise ValueError(f"{name} must be in [0, 1), got {value}.")
+  b1, b2 = (
+    _validation.in_interval(n, b, low=0, high=1, closed_low=True, meaning="a decay rate")
+    for n, b in (("b1", b1), ("b2", b2))
+  )
   check_key(key)
   check_sync(axis_name, False)
 

@@ -7,9 +7,11 @@ from typing import Any, NamedTuple
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from optax._src import numerics
 
+from asam_jax import _validation
 from asam_jax._ascent import ScalarOrSchedule, make_ascent
 from asam_jax._masks import Mask
 from asam_jax._random_sam import check_key
@@ -143,10 +145,18 @@ def esam(
     Minimization for Improved Training of Neural Networks, ICLR 2022,
     Algorithm 1; the authors' code, https://github.com/dydjw9/Efficient_SAM.
   """
-  if not 0 < beta <= 1:
-    raise ValueError(f"beta must be in (0, 1], got {beta}: it is the share of leaves perturbed.")
-  if not 0 < gamma <= 1:
-    raise ValueError(f"gamma must be in (0, 1], got {gamma}: it is the share of the batch kept.")
+  beta = _validation.in_interval(
+    "beta", beta, low=0, high=1, closed_low=False, meaning="the share of leaves perturbed"
+  )
+  if isinstance(gamma, (jax.Array, np.ndarray)):
+    raise TypeError(
+      "gamma is traced, but it sets how many examples are kept, which must be static. "
+      "optax.inject_hyperparams injects every numeric argument, defaults included: build "
+      "with optax.inject_hyperparams(asam_jax.esam, static_args=('gamma',))."
+    )
+  _validation.in_interval(
+    "gamma", gamma, low=0, high=1, closed_low=False, meaning="the share of the batch kept"
+  )
   check_key(key)
   ascent = make_ascent(
     "esam",

@@ -101,8 +101,9 @@ def friendly_sam(
     CVPR 2024, Algorithm 1; the authors' code, https://github.com/nblt/F-SAM.
   """
   _validation.check_nonnegative("sigma", sigma)
-  if not 0 <= lmbda < 1:
-    raise ValueError(f"lmbda must be in [0, 1), got {lmbda}: it is the decay of m.")
+  lmbda = _validation.in_interval(
+    "lmbda", lmbda, low=0, high=1, closed_low=True, meaning="the decay of m"
+  )
   ascent = make_ascent(
     "friendly_sam",
     rho,

@@ -42,15 +42,6 @@ def _perturbation_scale(m: Any, rho: Any, eps: float, layout: Any) -> chex.Array
   return jnp.where(norm > 0, rho * s / jnp.where(norm > 0, norm, 1), 0).astype(jnp.float32)
 
 
-def _check_momentum(name: str, value: Any) -> Any:
-  """A decay rate in [0, 1): checked now if concrete, NaN at run time if a traced one is not."""
-  if isinstance(value, jax.core.Tracer):
-    return jnp.where((value >= 0) & (value < 1), value, jnp.nan)
-  if not 0 <= value < 1:
-    raise ValueError(f"{name} must be in [0, 1), got {value}.")
-  return value
-
-
 def _update_fn(step, *, rho, eps, axis_name, who):
   """Momentum-SAM's update around ``step(g, state, params) -> (m, nu, unperturbed update)``."""
 
@@ -137,7 +128,9 @@ def momentum_sam(
   _validation.check_nonnegative("learning_rate", learning_rate)
   _validation.check_nonnegative("rho", rho)
   _validation.check_nonnegative("eps", eps)
-  momentum = _check_momentum("momentum", momentum)
+  momentum = _validation.in_interval(
+    "momentum", momentum, low=0, high=1, closed_low=True, meaning="the momentum's decay"
+  )
 
   def init_fn(params):
     return MomentumSAMState(
@@ -217,8 +210,10 @@ def momentum_sam_adamw(
   _validation.check_nonnegative("rho", rho)
   _validation.check_positive("eps", eps)
   _validation.check_nonnegative("weight_decay", weight_decay)
-  b1 = _check_momentum("b1", b1)
-  b2 = _check_momentum("b2", b2)
+  b1, b2 = (
+    _validation.in_interval(n, b, low=0, high=1, closed_low=True, meaning="a moment's decay")
+    for n, b in (("b1", b1), ("b2", b2))
+  )
 
   def init_fn(params):
     zeros = jax.tree.map(jnp.zeros_like, params)

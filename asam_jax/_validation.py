@@ -134,3 +134,23 @@ def static_int(
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
     raise ValueError(f"{name} must be an int >= {minimum} ({meaning}), got {value!r}.")
   return int(value)
+
+
+def in_interval(
+  name: str, value: Any, *, low: float, high: float, closed_low: bool, meaning: str
+) -> Any:
+  """A hyperparameter in ``[low, high)`` (or ``(low, high]`` when not ``closed_low``).
+
+  Checked now when concrete; when traced (``optax.inject_hyperparams``), an
+  invalid value becomes NaN at run time, which makes the update NaN.
+  """
+  if isinstance(value, jax.core.Tracer):
+    above = value >= low if closed_low else value > low
+    below = value < high if closed_low else value <= high
+    return jnp.where(above & below, value, jnp.nan)
+  above = value >= low if closed_low else value > low
+  below = value < high if closed_low else value <= high
+  if not (above and below):
+    interval = f"[{low}, {high})" if closed_low else f"({low}, {high}]"
+    raise ValueError(f"{name} must be in {interval}, got {value}: it is {meaning}.")
+  return value

@@ -225,6 +225,29 @@ def perturbed_params(grads, params, *, rho, eta=0.0, adaptive=False):
   return jax.tree.unflatten(jax.tree.structure(params), new)
 
 
+# --- the peers' base optimizer ------------------------------------------------------------
+
+
+def sgd_base(lr, momentum=0.0, weight_decay=0.0):
+  """torch.optim.SGD as the ports' base_step, its state kept in a closure; ``lr`` a number or a
+  function of the step (a schedule, as the peers' schedulers set it per step)."""
+  from peers import torch_sgd, torch_sgd_init
+
+  state, step = [None], [0]
+
+  def base_step(params, grads):
+    if state[0] is None:
+      state[0] = torch_sgd_init(params)
+    rate = lr(step[0]) if callable(lr) else lr
+    params, state[0] = torch_sgd(
+      params, grads, state[0], lr=rate, momentum=momentum, weight_decay=weight_decay
+    )
+    step[0] += 1
+    return params
+
+  return base_step
+
+
 # --- the registry of methods ------------------------------------------------------------
 
 # STEPS = 3 with looksam's k = 2: a full step, a reuse step and a full step.
@@ -283,6 +306,20 @@ METHODS = {
   "gsam": Method(asam_jax.gsam, lambda: dict(rho=RHO, alpha=0.3)),
   "looksam": Method(asam_jax.looksam, lambda: dict(rho=RHO, k=2, alpha=0.7), static_args=("k",)),
   "random_sam": Method(asam_jax.random_sam, lambda: dict(key=jax.random.key(7), rho=RHO)),
+  "fisher_sam": Method(
+    asam_jax.fisher_sam, lambda: dict(rho=RHO, eta=1.0), static_args=("p", "ascent_steps")
+  ),
+  "friendly_sam": Method(asam_jax.friendly_sam, lambda: dict(rho=RHO, sigma=1.0, lmbda=0.9)),
+  "esam": Method(
+    asam_jax.esam,
+    lambda: dict(rho=RHO, beta=0.5, gamma=1.0, key=jax.random.key(3)),
+    static_args=("gamma",),
+  ),
+  "bayesian_sam": Method(
+    asam_jax.bayesian_sam,
+    lambda: dict(learning_rate=LR, rho=0.01, num_data=1000.0, key=jax.random.key(5)),
+    optimizer=True,
+  ),
   "momentum_sam": Method(
     asam_jax.momentum_sam,
     lambda: dict(learning_rate=LR, rho=RHO, momentum=0.9),

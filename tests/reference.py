@@ -28,10 +28,16 @@ def diagonal_t(w_leaves, eta, adaptive):
   )
 
 
-def perturbation(g_leaves, w_leaves, *, rho, eta=0.0, adaptive=None, perturb=None, p=2.0):
+def fisher_t(g_leaves, eta):
+  """Fisher SAM's T = f^-1/2, f = 1 + eta g^2 (Kim et al. 2022, eq. 5), as one flat vector."""
+  return 1 / np.sqrt(1 + eta * flat(g_leaves) ** 2)
+
+
+def perturbation(g_leaves, w_leaves, *, rho, eta=0.0, adaptive=None, perturb=None, p=2.0, t=None):
   """Returns eps as a list of float64 arrays shaped like w_leaves.
 
   adaptive / perturb: one bool per leaf (default: none adaptive, all perturbed).
+  t: the diagonal of T over the perturbed leaves, flat, in place of |w| + eta.
   """
   n = len(w_leaves)
   perturb = [True] * n if perturb is None else perturb
@@ -39,7 +45,8 @@ def perturbation(g_leaves, w_leaves, *, rho, eta=0.0, adaptive=None, perturb=Non
   shapes = [np.shape(w) for w in w_leaves]
   on = [i for i in range(n) if perturb[i]]
   g = flat([g_leaves[i] for i in on])
-  t = diagonal_t([w_leaves[i] for i in on], eta, [adaptive[i] for i in on])
+  if t is None:
+    t = diagonal_t([w_leaves[i] for i in on], eta, [adaptive[i] for i in on])
   a = t * g
   if p == np.inf:
     e = rho * t * np.sign(g)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import f32
+from helpers import f32, sgd_base
 from peers import (
   big_vision_gsam,
   davda54_sam,
@@ -25,8 +25,6 @@ from peers import (
   official_asam,
   pytorch_optimizer_looksam,
   to_named,
-  torch_sgd,
-  torch_sgd_init,
 )
 
 import asam_jax
@@ -84,19 +82,6 @@ def at(tree, i):
 
 def assert_named_close(got_tree, want_named, rtol=1e-5, atol=1e-6):
   chex.assert_trees_all_close(to_named(got_tree), want_named, rtol=rtol, atol=atol)
-
-
-def sgd_base(lr, momentum=0.0):
-  """torch.optim.SGD as the ports' base_step, with its state kept in a closure."""
-  state = [None]
-
-  def base_step(params, grads):
-    if state[0] is None:
-      state[0] = torch_sgd_init(params)
-    params, state[0] = torch_sgd(params, grads, state[0], lr=lr, momentum=momentum)
-    return params
-
-  return base_step
 
 
 # --- the naming bridge ------------------------------------------------------------
