@@ -136,7 +136,7 @@ def alternating(
       if ascent.steps == 1:
         ball = ascent.ball(params, g, sam_step, layout)
         eps, reached = ascent.advance(ball, None, g)
-        return like(ball.tree(eps), updates), state._replace(
+        return like(ball.tree(eps), updates, params), state._replace(
           perturbation_norm=reached.astype(jnp.float32), weights=params
         )
       # A step's first call saves w; the later ones start from w plus the steps so far.
@@ -151,7 +151,7 @@ def alternating(
       if reached is None:
         reached = ball.radius(eps)
       step = [e - s for e, s in zip(eps, so_far)]
-      return like(ball.tree(step), updates), state._replace(
+      return like(ball.tree(step), updates, params), state._replace(
         perturbation_norm=reached.astype(jnp.float32), weights=weights
       )
 
@@ -160,7 +160,7 @@ def alternating(
       step, inner_state = optimizer.update(grads, state.inner_state, state.weights, **extra_args)
       # Back to w, then the optimizer's step, as optax's transparent mode does.
       step = jax.tree.map(lambda w, p, u: w - p + u, state.weights, params, step)
-      return like(step, updates), state._replace(inner_state=inner_state)
+      return like(step, updates, params), state._replace(inner_state=inner_state)
 
     step, state = jax.lax.cond(phase < ascent.steps, ascend, descend, state)
     return step, state._replace(count=numerics.safe_increment(state.count))

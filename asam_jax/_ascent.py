@@ -118,10 +118,18 @@ def value_and_grad_at(
 ) -> tuple[chex.Array, Any]:
   """``L(w + eps)`` and this device's gradient there: the one extra pass SAM pays for.
 
-  Integer leaves (left out by ``perturb_mask``) get the ``float0`` gradient of
-  ``jax.grad(..., allow_int=True)``.
+  Integer leaves (left out by ``perturb_mask``) get a zero of their own dtype in
+  place of the ``float0`` gradient of ``jax.grad(..., allow_int=True)``, which
+  no arithmetic (nor ``optax.apply_updates``) accepts.
   """
-  return jax.value_and_grad(scalar_loss(loss_fn, has_aux), allow_int=True)(layout.local(perturbed))
+  value, grads = jax.value_and_grad(scalar_loss(loss_fn, has_aux), allow_int=True)(
+    layout.local(perturbed)
+  )
+  float0 = jax.dtypes.float0
+  grads = jax.tree.map(
+    lambda g, w: jnp.zeros_like(w) if jnp.result_type(g) == float0 else g, grads, perturbed
+  )
+  return value, grads
 
 
 class Ascent(NamedTuple):

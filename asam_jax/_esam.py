@@ -197,6 +197,6 @@ def esam(
     up = ascend(ascent, updates, params, loss_fn, state.count, loss_scale=loss_scale, **climb)
     stats = up.layout.mean((up.loss.astype(jnp.float32), up.reached.astype(jnp.float32)))
     new_state = ESAMState(numerics.safe_increment(state.count), next_key, *stats)
-    return like(up.layout.finish(up.perturbed_grads), updates), new_state
+    return like(up.layout.finish(up.perturbed_grads), updates, params), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

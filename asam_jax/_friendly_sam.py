@@ -146,6 +146,6 @@ def friendly_sam(
     )
     stats = up.layout.mean((up.loss.astype(jnp.float32), up.reached.astype(jnp.float32)))
     new_state = FriendlySAMState(numerics.safe_increment(state.count), momentum, *stats)
-    return like(up.layout.finish(up.perturbed_grads), updates), new_state
+    return like(up.layout.finish(up.perturbed_grads), updates, params), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -77,8 +77,8 @@ def _update(
     # Per device and then averaged, like GSAM; with sync, from the global g and g_s.
     g_v = _orthogonal_part(up.grads, up.perturbed_grads, up.layout)
     out, g_v = up.layout.finish((up.perturbed_grads, g_v))
-    return like(out, updates), LookSAMState(
-      next_state(sam_state, up.layout, up.loss, up.reached), like(g_v, state.orthogonal)
+    return like(out, updates, params), LookSAMState(
+      next_state(sam_state, up.layout, up.loss, up.reached), like(g_v, state.orthogonal, params)
     )
 
   def reuse(sam_state, g_v):
@@ -86,7 +86,7 @@ def _update(
     g = layout.ascent_gradient(updates if loss_scale is None else unscale(updates, loss_scale))
     out = layout.finish(_reuse(g, g_v, alpha, layout))
     sam_state = sam_state._replace(count=numerics.safe_increment(sam_state.count))
-    return like(out, updates), LookSAMState(sam_state, g_v)
+    return like(out, updates, params), LookSAMState(sam_state, g_v)
 
   if full_step is None:
     return jax.lax.cond(state.sam.count % k == 0, full, reuse, state.sam, state.orthogonal)

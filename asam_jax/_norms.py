@@ -39,8 +39,9 @@ _SAFE_MARGIN = 66
 
 
 def accumulation_dtype(x: Any) -> jnp.dtype:
-  """The dtype sums are taken in: at least float32, float64 under x64 for float64 leaves."""
-  return jnp.promote_types(jnp.result_type(x), jnp.float32)
+  """The real dtype sums are taken in: at least float32, float64 under x64 for float64 leaves
+  (and for complex128 ones, whose parts are float64)."""
+  return jnp.promote_types(jnp.finfo(jnp.result_type(x)).dtype, jnp.float32)
 
 
 def pow2_inverse(largest: chex.Array) -> chex.Array:
@@ -236,17 +237,15 @@ def inner_products(
   post = post or (lambda sums, scales: (sums, scales))
   dtype = jnp.result_type(*[accumulation_dtype(x) for v in vectors for x in v])
 
+  def widened(x):
+    return x.astype(jnp.promote_types(x.dtype, dtype))  # complex leaves stay complex
+
   def product(x, y):
     # Re(conj(x) y): a complex leaf counts as its real and imaginary parts.
-    return jnp.sum(jnp.real(jnp.conj(x) * y))
+    return jnp.sum(jnp.real(jnp.conj(widened(x)) * widened(y)))
 
   read = barrier(list(vectors))
-  fast = [
-    layout.sum(
-      [product(x.astype(dtype), y.astype(dtype)) for x, y in zip(read[i], read[j])], leaves
-    )
-    for i, j in pairs
-  ]
+  fast = [layout.sum([product(x, y) for x, y in zip(read[i], read[j])], leaves) for i, j in pairs]
   ok = jnp.array(True)
   for total, (i, j) in zip(fast, pairs):
     ok = ok & (safe(total) if i == j else jnp.isfinite(total))
@@ -255,7 +254,7 @@ def inner_products(
   def slow(vectors):
     groups = _groups(layout, leaves, [k if _apart(x) else None for k, x in enumerate(vectors[0])])
     axes = [a for a, _ in groups]
-    flat = [[_flat(v, positions).astype(dtype) for _, positions in groups] for v in vectors]
+    flat = [[widened(_flat(v, positions)) for _, positions in groups] for v in vectors]
     scales = [pow2_inverse(_reduce_groups(f, axes, _abs_max, jax.lax.pmax, jnp.max)) for f in flat]
     sums = [
       _reduce_groups(

@@ -148,6 +148,6 @@ def random_sam(
     )
     loss, reached = up.layout.mean((up.loss.astype(jnp.float32), up.reached.astype(jnp.float32)))
     new_state = RandomSAMState(numerics.safe_increment(state.count), next_key, loss, reached)
-    return like(up.layout.finish(up.perturbed_grads), updates), new_state
+    return like(up.layout.finish(up.perturbed_grads), updates, params), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -59,9 +59,19 @@ def next_state(state: SAMState, layout: Layout, loss: chex.Array, reached: chex.
   return SAMState(numerics.safe_increment(state.count), *stats)
 
 
-def like(tree: Any, reference: Any) -> Any:
-  """``tree`` in the dtypes of ``reference``: updates keep the incoming gradient's dtypes."""
-  return jax.tree.map(lambda x, r: x.astype(jnp.result_type(r)), tree, reference)
+def like(tree: Any, reference: Any, params: Any) -> Any:
+  """``tree`` in the dtypes of ``reference``: updates keep the incoming gradient's dtypes.
+
+  Where the reference is the ``float0`` gradient of an integer leaf, the update
+  is the zero of the leaf's own dtype, which ``optax.apply_updates`` can add.
+  """
+  float0 = jax.dtypes.float0
+  return jax.tree.map(
+    lambda x, r, w: jnp.zeros_like(w) if jnp.result_type(r) == float0 else x.astype(r.dtype),
+    tree,
+    reference,
+    params,
+  )
 
 
 class Ascended(NamedTuple):
@@ -167,7 +177,8 @@ class SAMUpdate(NamedTuple):
     up = ascend(self.ascent, updates, params, loss_fn, state.count, loss_scale=loss_scale)
     # With sync, from the global g and g_p; otherwise per device, then averaged.
     out = up.perturbed_grads if self.combine is None else self.combine(*up[:2], up.layout)
-    return like(up.layout.finish(out), updates), next_state(state, up.layout, up.loss, up.reached)
+    out = like(up.layout.finish(out), updates, params)
+    return out, next_state(state, up.layout, up.loss, up.reached)
 
 
 def transformation(

@@ -1,5 +1,7 @@
 """Mask helpers."""
 
+import chex
+import jax
 import jax.numpy as jnp
 import pytest
 
@@ -82,3 +84,99 @@ def test_weight_mask_selects_what_pytorch_names_weight_in_flax_nnx_and_equinox()
   model = eqx.nn.Sequential([eqx.nn.Linear(3, 4, key=jax.random.key(0)), eqx.nn.LayerNorm(4)])
   params = eqx.filter(model, eqx.is_inexact_array)
   assert jax.tree.leaves(asam_jax.weight_mask(params)) == [True, False, True, False]
+
+
+# --- layers stacked for lax.scan -------------------------------------------------------
+
+L, D = 3, 4
+
+
+def _layers(key):
+  ks = jax.random.split(key, 2 * L + 2)
+  blocks = [
+    {
+      "dense": {
+        "kernel": jax.random.normal(ks[2 * i], (D, D)) / 2,
+        "bias": 0.1 * jax.random.normal(ks[2 * i + 1], (D,)),
+      },
+      "norm": {"scale": 1 + 0.1 * jax.random.normal(ks[2 * i + 1], (D,))},
+    }
+    for i in range(L)
+  ]
+  embed = {"embedding": jax.random.normal(ks[-1], (5, D))}
+  return embed, blocks
+
+
+def _unstacked_loss(params, x):
+  h = params["embed"]["embedding"][x]
+  for block in params["blocks"]:
+    h = jnp.tanh(h @ block["dense"]["kernel"] + block["dense"]["bias"]) * block["norm"]["scale"]
+  return jnp.mean(h**2)
+
+
+def _stacked_loss(params, x):
+  def layer(h, block):
+    return jnp.tanh(h @ block["dense"]["kernel"] + block["dense"]["bias"]) * block["norm"][
+      "scale"
+    ], None
+
+  h, _ = jax.lax.scan(layer, params["embed"]["embedding"][x], params["blocks"])
+  return jnp.mean(h**2)
+
+
+def _stack(blocks):
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)
+
+
+MASKS = {
+  "all": (None, None),
+  "weight_mask": (asam_jax.weight_mask, asam_jax.weight_mask),
+  "kernel_mask": (
+    asam_jax.kernel_mask,
+    lambda p: asam_jax.kernel_mask(p, stacked_axes={"blocks": 1, "embed": 0}),
+  ),
+}
+
+
+@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize("method", ["sam", "asam", "gsam"])
+def test_stacked_layers_give_the_updates_of_the_unstacked_ones(method, mask):
+  embed, blocks = _layers(jax.random.key(0))
+  x = jnp.arange(5)
+  unstacked = {"embed": embed, "blocks": blocks}
+  stacked = {"embed": embed, "blocks": _stack(blocks)}
+  flat_mask, stacked_mask = MASKS[mask]
+  kwargs = {} if method == "sam" else dict(adaptive=True) if method == "gsam" else {}
+  make = {"sam": asam_jax.sam, "asam": asam_jax.asam, "gsam": asam_jax.gsam}[method]
+
+  def update(params, loss, adaptive_mask):
+    extra = {} if method == "sam" else dict(adaptive_mask=adaptive_mask, eta=0.01)
+    tx = make(rho=0.3, **kwargs, **extra)
+    loss_fn = lambda p: loss(p, x)
+    return tx.update(jax.grad(loss_fn)(params), tx.init(params), params, loss_fn=loss_fn)[0]
+
+  flat = update(unstacked, _unstacked_loss, flat_mask)
+  got = update(stacked, _stacked_loss, stacked_mask)
+  chex.assert_trees_all_close(
+    got, {"embed": flat["embed"], "blocks": _stack(flat["blocks"])}, rtol=1e-5, atol=1e-7
+  )
+
+
+def test_kernel_mask_counts_only_the_axes_after_the_stacked_ones():
+  embed, blocks = _layers(jax.random.key(0))
+  stacked = {"embed": embed, "blocks": _stack(blocks)}
+  mask = asam_jax.kernel_mask(stacked, stacked_axes={"blocks": 1, "embed": 0})
+  assert mask == {
+    "embed": {"embedding": True},
+    "blocks": {"dense": {"kernel": True, "bias": False}, "norm": {"scale": False}},
+  }
+  # Without stacked_axes the stacked bias would read as a kernel: refused, with both fixes.
+  with pytest.raises(
+    ValueError, match=r"\['blocks'\]\['dense'\]\['bias'\].*stacked_axes=1.*stacked_axes=0"
+  ):
+    asam_jax.kernel_mask(stacked)
+  with pytest.raises(ValueError, match="a pytree prefix of params"):
+    asam_jax.kernel_mask(stacked, stacked_axes={"blocks": 1})
+  # A genuinely 2-D bias (nn.DenseGeneral's) is a kernel when the caller says so.
+  general = {"query": {"kernel": jnp.ones((4, 2, 2)), "bias": jnp.ones((2, 2))}}
+  assert asam_jax.kernel_mask(general, stacked_axes=0)["query"]["bias"]

@@ -546,3 +546,76 @@ def test_multi_step_arguments_are_checked():
     asam_jax.sam(ascent_steps=0)
   with pytest.raises(ValueError, match="ascent_projection supports p=2 and p=float"):
     asam_jax.asam(p=3, ascent_steps=2, ascent_projection=True)
+
+
+# --- complex and integer leaves ---------------------------------------------------------
+
+A = jnp.array([1.0 + 2.0j, -0.5 + 0.3j, 0.2 - 1.0j])
+Z0 = jnp.array([0.4 - 0.2j, -1.0 + 0.5j, 0.3 + 0.8j])
+
+
+def complex_loss(params):
+  z = params["z"]
+  return jnp.sum(jnp.abs(A * z - 1.0) ** 2) + jnp.sum(jnp.real(z) ** 3) + params["r"] @ jnp.imag(z)
+
+
+def split_loss(params):
+  """The same loss over the real and imaginary parts as two real leaves."""
+  return complex_loss({"z": params["re"] + 1j * params["im"], "r": params["r"]})
+
+
+COMPLEX_METHODS = {
+  "sam": lambda: asam_jax.sam(rho=0.3),
+  "sam_pinf": lambda: asam_jax.sam(rho=0.1, p=float("inf")),
+  "asam": lambda: asam_jax.asam(rho=0.5, eta=0.01),
+  "fisher_sam": lambda: asam_jax.fisher_sam(rho=0.3, eta=1.0),
+  "gsam": lambda: asam_jax.gsam(rho=0.3, alpha=0.3),
+}
+
+
+@pytest.mark.parametrize("method", COMPLEX_METHODS)
+def test_a_complex_leaf_is_its_real_and_imaginary_parts(method):
+  """The ascent follows JAX's convention (descent along conj(g)): the same step as the model
+  written over two real leaves, whose gradient (g_re, g_im) JAX returns as g_re - i g_im."""
+  r = jnp.array([0.5, -1.0, 2.0])
+  complex_params = {"r": r, "z": Z0}
+  real_params = {"im": jnp.imag(Z0), "r": r, "re": jnp.real(Z0)}
+
+  def update(params, loss):
+    tx = COMPLEX_METHODS[method]()
+    return tx.update(jax.grad(loss)(params), tx.init(params), params, loss_fn=loss)
+
+  got, got_state = update(complex_params, complex_loss)
+  want, want_state = update(real_params, split_loss)
+  chex.assert_trees_all_close(got["z"], want["re"] - 1j * want["im"], rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(got["r"], want["r"], rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(got_state, want_state, rtol=1e-5, atol=1e-6)
+
+
+def test_integer_leaves_left_out_take_float0_gradients_and_get_zero_updates():
+  params = {"step": jnp.array(3, jnp.int32), "w": jnp.array([1.0, -2.0])}
+  loss = lambda p: jnp.sum(p["w"] ** 2) * p["step"]
+  grads = jax.grad(loss, allow_int=True)(params)
+  assert grads["step"].dtype == jax.dtypes.float0
+  mask = {"step": False, "w": True}
+  for make in (asam_jax.sam, asam_jax.gsam, asam_jax.looksam, asam_jax.friendly_sam):
+    tx = optax.chain(make(rho=0.1, perturb_mask=mask), optax.sgd(0.1))
+    updates, _ = tx.update(grads, tx.init(params), params, loss_fn=loss)
+    new = optax.apply_updates(params, updates)
+    assert new["step"].dtype == jnp.int32 and int(new["step"]) == 3
+  # The float leaf gets SAM's update of the float-only model.
+  tx = asam_jax.sam(rho=0.1, perturb_mask=mask)
+  updates, _ = tx.update(grads, tx.init(params), params, loss_fn=loss)
+  only = asam_jax.sam(rho=0.1)
+  loss_w = lambda p: loss({"step": params["step"], "w": p["w"]})
+  want, _ = only.update(
+    jax.grad(loss_w)({"w": params["w"]}),
+    only.init({"w": params["w"]}),
+    {"w": params["w"]},
+    loss_fn=loss_w,
+  )
+  chex.assert_trees_all_close(updates["w"], want["w"], rtol=1e-6)
+  with pytest.raises(
+    TypeError, match=r"\['step'\] has dtype int32.*Leave it out with perturb_mask"
+  ):
+    asam_jax.sam(rho=0.1).update(grads, tx.init(params), params, loss_fn=loss)
