@@ -207,6 +207,77 @@ def test_nnx_step_equals_the_hand_built_reference(method):
   assert int(optimizer.step[...]) == 1 and int(optimizer.opt_state[0].count[...]) == 1
 
 
+class CalledWithRngs(nnx.Module):
+  """Dropout drawn from an nnx.Rngs passed at call time, as the Flax docs write it."""
+
+  def __init__(self, rngs):
+    self.dense1 = nnx.Linear(3, 8, rngs=rngs)
+    self.dropout = nnx.Dropout(0.5)
+    self.dense2 = nnx.Linear(8, 1, rngs=rngs)
+
+  def __call__(self, x, rngs):
+    return self.dense2(self.dropout(jax.nn.relu(self.dense1(x)), rngs=rngs))
+
+
+def rngs_loss(model, x, y, rngs):
+  return jnp.mean((model(x, rngs=rngs) - y) ** 2)
+
+
+@pytest.mark.parametrize("jitted", [False, True], ids=["eager", "nnx.jit"])
+def test_an_nnx_rngs_in_the_arguments_is_replayed_by_the_perturbed_pass(jitted):
+  model = CalledWithRngs(nnx.Rngs(0))
+  rngs = nnx.Rngs(dropout=1)
+  before, rngs_before = nnx.clone(model), nnx.clone(rngs)
+  optimizer = nnx.Optimizer(
+    model, optax.chain(asam_jax.sam(rho=0.2), optax.sgd(1.0)), wrt=nnx.Param
+  )
+
+  def step(model, optimizer, rngs):
+    value, grads, loss_fn = asam_jax.flax.nnx_value_and_grad(rngs_loss, model, X, Y, rngs)
+    optimizer.update(model, grads, loss_fn=loss_fn)
+    return value
+
+  value = (nnx.jit(step) if jitted else step)(model, optimizer, rngs)
+  # The caller's Rngs advanced by the clean pass's one draw, and no more.
+  assert int(rngs.dropout.count[...]) == int(rngs_before.dropout.count[...]) + 1
+
+  # By hand: both passes draw from copies of the Rngs as they were before the step.
+  grad_fn = nnx.value_and_grad(rngs_loss, argnums=nnx.DiffState(0, nnx.Param))
+  clean_value, grads = grad_fn(nnx.clone(before), X, Y, nnx.clone(rngs_before))
+  params = nnx.as_pure(nnx.state(before, nnx.Param))
+  perturbed = nnx.clone(before)
+  nnx.update(perturbed, perturbed_params(nnx.as_pure(grads), params, rho=0.2))
+  adversarial = nnx.as_pure(grad_fn(perturbed, X, Y, nnx.clone(rngs_before))[1])
+  # Another mask, as the caller's advanced Rngs would draw: a different gradient.
+  other = nnx.as_pure(grad_fn(perturbed, X, Y, rngs)[1])
+
+  step_grads = jax.tree.map(lambda a, b: a - b, params, nnx.as_pure(nnx.state(model, nnx.Param)))
+  np.testing.assert_allclose(value, clean_value, rtol=1e-6)
+  assert_close(step_grads, adversarial, rtol=1e-4, atol=1e-5)
+  assert_trees_differ(step_grads, other, atol=1e-2)
+
+
+def test_momentum_sam_weights_read_the_state_nnx_optimizer_holds():
+  model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, asam_jax.momentum_sam(0.1, rho=0.1), wrt=nnx.Param)
+  x = jnp.linspace(-1, 1, 12).reshape(4, 3)
+
+  @nnx.jit
+  def step(model, optimizer):
+    optimizer.update(model, nnx.grad(lambda m: jnp.sum(m(x) ** 2))(model))
+
+  for _ in range(3):
+    step(model, optimizer)
+  held = nnx.state(model, nnx.Param)
+  got = asam_jax.momentum_sam_weights(held, optimizer.opt_state)
+  state = optimizer.opt_state
+  scale = float(state.scale[...])
+  momentum = nnx.as_pure(state.momentum)
+  want = jax.tree.map(lambda w, m: w + scale * m, nnx.as_pure(held), momentum)
+  assert isinstance(got, nnx.State)
+  assert_close(nnx.as_pure(got), want, rtol=1e-6)
+
+
 # --- checkpointing: SAMState in an optax chain in a Linen TrainState ----------
 
 
