@@ -171,23 +171,78 @@ def loss64(v, part):
   return ls_loss64(unflat(v), *part)
 
 
-def ascents64(v, groups, sync):
+def ascents64(v, groups, sync, perturb=None):
   """``(g, g_p, L(w + eps))`` per perturbation: one per group, or one from the mean ``g`` (sync).
 
-  ``g_p`` is the gradient at ``w + eps``, eps = rho g / ||g|| (Foret et al., eq. 2), of the
-  group's own data; with sync, of the whole batch (the groups' mean).
+  ``g_p`` is the gradient at ``w + eps`` of the group's own data (with sync, of the whole
+  batch: the groups' mean), with ``eps = perturb(g)``, by default rho g / ||g|| (Foret et al.,
+  eq. 2).
   """
+  perturb = perturb or (lambda g: reference.perturbation([g], [v], rho=RHO)[0])
   gs = [grad64(v, part) for part in groups]
   if sync:
     g = np.mean(gs, 0)
-    (e,) = reference.perturbation([g], [v], rho=RHO)
+    e = perturb(g)
     at = [(grad64(v + e, part), loss64(v + e, part)) for part in groups]
     return [(g, np.mean([a[0] for a in at], 0), np.mean([a[1] for a in at]))]
   out = []
   for g, part in zip(gs, groups):
-    (e,) = reference.perturbation([g], [v], rho=RHO)
+    e = perturb(g)
     out.append((g, grad64(v + e, part), loss64(v + e, part)))
   return out
+
+
+def descent64(perturb_at, n, sync, steps=STEPS):
+  """SGD on the mean of the groups' g_p, ``perturb_at(t, v)`` giving step t's ``g -> eps``."""
+  v = W0_FLAT
+  for t in range(steps):
+    found = ascents64(v, parts(n), sync, perturb_at(t, v))
+    v = v - LR * np.mean([g_p for _, g_p, _ in found], 0)
+  return dict(params=unflat(v), perturbed_loss=np.mean([f[2] for f in found]))
+
+
+def fisher_trajectory64(n, sync):
+  """Each group's ball is its own Fisher's, T = (1 + eta g^2)^-1/2 (Kim et al., eq. 5)."""
+  eta = METHODS["fisher_sam"].kwargs["eta"]
+  return descent64(
+    lambda t, v: (
+      lambda g: reference.perturbation([g], [v], rho=RHO, t=reference.fisher_t([g], eta))[0]
+    ),
+    n,
+    sync,
+  )
+
+
+def friendly_trajectory64(n, sync):
+  """Li et al.'s code per group: d = g - sigma m (SAM first), m the running mean of the mean g."""
+  kw = METHODS["friendly_sam"].kwargs
+  v, m = W0_FLAT, None
+  for _ in range(STEPS):
+    mean_g = np.mean([grad64(v, part) for part in parts(n)], 0)
+    prev = m
+    perturb = lambda g, prev=prev, v=v: reference.perturbation(
+      [g if prev is None else g - kw["sigma"] * prev], [v], rho=RHO
+    )[0]
+    found = ascents64(v, parts(n), sync, perturb)
+    m = mean_g if m is None else kw["lmbda"] * m + (1 - kw["lmbda"]) * mean_g
+    v = v - LR * np.mean([g_p for _, g_p, _ in found], 0)
+  return dict(params=unflat(v), perturbed_loss=np.mean([f[2] for f in found]), momentum=unflat(m))
+
+
+def esam_trajectory64(n, sync):
+  """Du et al.'s SWP per group, the drawn leaves the same on every device: (rho / beta) m g / ||m g||."""
+  kw = METHODS["esam"].kwargs
+  key, masks = kw["key"], []
+  for _ in range(STEPS):
+    key, draw = jax.random.split(key)
+    drawn = np.asarray(jax.random.bernoulli(draw, kw["beta"], (2,)))
+    masks.append(np.concatenate([np.full(3, drawn[0]), np.full(15, drawn[1])]).astype(float))
+  want = descent64(
+    lambda t, v: lambda g: reference.perturbation([g * masks[t]], [v], rho=RHO / kw["beta"])[0],
+    n,
+    sync,
+  )
+  return dict(want, norm=RHO / kw["beta"] if masks[-1].any() else 0.0)
 
 
 def gsam_trajectory64(n, sync):
@@ -293,6 +348,9 @@ def trajectory64(method, n, sync=False):
     "momentum_sam": lambda n, _: momentum_trajectory64(n, adamw=False),
     "momentum_sam_adamw": lambda n, _: momentum_trajectory64(n, adamw=True),
     "alternating": alternating_trajectory64,
+    "fisher_sam": fisher_trajectory64,
+    "friendly_sam": friendly_trajectory64,
+    "esam": esam_trajectory64,
   }[method](n, sync)
 
 
@@ -306,7 +364,9 @@ def check_reference(method, sync, params, state, n=N):
     inner = inner.sam
   if "perturbed_loss" in want:
     np.testing.assert_allclose(inner.perturbed_loss, want["perturbed_loss"], rtol=1e-5)
-    np.testing.assert_allclose(inner.perturbation_norm, RHO, rtol=1e-5)
+    np.testing.assert_allclose(inner.perturbation_norm, want.get("norm", RHO), rtol=1e-5)
+  if method == "friendly_sam":
+    assert_close(inner.momentum, want["momentum"])
   if method == "random_sam":
     np.testing.assert_array_equal(inner.key, want["key"])
   if method.startswith("momentum_sam"):
@@ -327,6 +387,12 @@ VARIANT_CASES = [
   ("momentum_sam", False),
   ("momentum_sam_adamw", False),
   ("alternating", True),
+  ("fisher_sam", False),
+  ("fisher_sam", True),
+  ("friendly_sam", False),
+  ("friendly_sam", True),
+  ("esam", False),
+  ("esam", True),
 ]
 
 
@@ -352,7 +418,7 @@ def test_variants_under_pmap_stay_replicated_and_match_the_reference(method, syn
   # every device's params and state, bit for bit
   chex.assert_trees_all_equal(*[device(run, i) for i in range(N)])
   check_reference(method, sync, *device(run, 0))
-  if method in ("gsam", "looksam", "random_sam") and not sync:
+  if method in ("gsam", "looksam", "random_sam", "fisher_sam", "friendly_sam", "esam") and not sync:
     # the per-device reference is not the global one: the test tells the modes apart
     msam_w, global_w = (trajectory64(method, N, s)["params"]["w"] for s in (False, True))
     assert not np.allclose(msam_w, global_w, rtol=1e-4, atol=0)
@@ -607,3 +673,44 @@ def test_data_parallel_example_runs_and_its_modes_agree():
   assert sum("test accuracy" in line for line in lines) == 4, result.stdout
   diffs = [float(line.rsplit(": ", 1)[1]) for line in lines if "weights difference" in line]
   assert len(diffs) == 2 and max(diffs) < 1e-5, result.stdout
+
+
+# --- one perturbation per group of devices -------------------------------------------
+
+
+@pytest.mark.slow
+def test_group_sync_is_google_research_sams_inner_group_size_on_8_devices():
+  """group_sync_worker.py, on 8 forced CPU devices: google-research/sam's inner_group_size=2
+  rule for sam, and every variant with sync_perturbation synced over "inner" equal to one
+  device per group."""
+  worker = pathlib.Path(__file__).with_name("group_sync_worker.py")
+  env = dict(
+    os.environ,
+    XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    NPROC="16",  # spare CPU launch threads, see conftest.py
+    PYTHONPATH=os.pathsep.join([str(worker.parent), os.environ.get("PYTHONPATH", "")]),
+  )
+  run = subprocess.run(
+    [sys.executable, str(worker)], env=env, capture_output=True, text=True, timeout=600
+  )
+  assert run.returncode == 0 and run.stdout.strip().endswith("ok"), (run.stdout + run.stderr)[
+    -3000:
+  ]
+
+
+@pytest.mark.parametrize(
+  "axis_name, sync",
+  [
+    ("data", "inner"),
+    (("outer", "inner"), "other"),
+    (("outer", "inner"), ("inner", "other")),
+    ("data", None),
+    ("data", 1),
+    ("data", ()),
+  ],
+)
+def test_a_sync_that_is_not_a_bool_or_some_of_the_axes_is_refused(axis_name, sync):
+  for make in (asam_jax.sam, asam_jax.gsam, asam_jax.random_sam):
+    kwargs = {"key": jax.random.key(0)} if make is asam_jax.random_sam else {}
+    with pytest.raises(ValueError, match=r"sync_perturbation must be True, False, or an axis name"):
+      make(axis_name=axis_name, sync_perturbation=sync, **kwargs)
