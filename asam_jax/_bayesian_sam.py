@@ -76,17 +76,7 @@ def bayesian_sam_sample(key: chex.PRNGKey, params: Any, state: Any, num_data: fl
     Möllenhoff and Khan, SAM as an Optimal Relaxation of Bayes, ICLR 2023,
     Section 4 (the predictive distribution).
   """
-  found = [
-    s
-    for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, BayesianSAMState))
-    if isinstance(s, BayesianSAMState)
-  ]
-  if len(found) != 1:
-    raise ValueError(
-      f"state must contain exactly one BayesianSAMState (the state of "
-      f"asam_jax.bayesian_sam), found {len(found)}."
-    )
-  precision = found[0].precision
+  precision = _validation.only_state(state, BayesianSAMState, "asam_jax.bayesian_sam").precision
   return jax.tree.map(
     lambda w, n, s: (w + n * jax.lax.rsqrt(num_data * s)).astype(jnp.result_type(w)),
     params,

@@ -184,7 +184,8 @@ def esam(
     drawn = jax.random.bernoulli(draw, beta, (len(jax.tree.leaves(updates)),))
 
     def direction(i, g):
-      return jnp.where(drawn[i], g, jnp.zeros_like(g))
+      # 0 g, not 0: a leaf left out still makes a non-finite gradient's step NaN.
+      return jnp.where(drawn[i], g, 0 * g)
 
     climb: dict[str, Any] = {"direction": direction, "rho_factor": 1 / beta}
     # Without loss_fn or params, ascend says how to call update.

@@ -14,7 +14,6 @@ from asam_jax import _validation
 from asam_jax._ascent import ScalarOrSchedule, make_ascent
 from asam_jax._masks import Mask
 from asam_jax._maximizer import real_gradient
-from asam_jax._norms import combination
 from asam_jax._sam import ascend, like
 
 
@@ -61,7 +60,8 @@ def friendly_sam(
   * ``eps = rho d / ||d||`` (ASAM's ball with ``adaptive=True``).
 
   ``m`` averages the raw clean gradients; weight decay belongs to the optimizer
-  after it. The paper updates ``m`` first, from ``m = 0``, then subtracts it:
+  after it. A step whose gradient is not finite (its update NaN, which
+  ``optax.apply_if_finite`` skips) leaves ``m`` as it was. The paper updates ``m`` first, from ``m = 0``, then subtracts it:
   after several steps the two differ by a few percent (the code's order is
   followed here). Returns ``grad L(w + eps)``; put it first in an
   ``optax.chain``. It costs SAM plus one read and write of ``m``. The authors
@@ -137,13 +137,16 @@ def friendly_sam(
       ascent, updates, params, loss_fn, state.count, loss_scale=loss_scale, direction=direction
     )
     g = up.layout.mean(up.grads)
-    momentum = jax.tree.map(
-      lambda m, g: combination(
-        jnp.where(started, lmbda, 0), m, jnp.where(started, 1 - lmbda, 1), g
-      ),
-      state.momentum,
-      g,
-    )
+    # A non-finite gradient (its step NaN, for apply_if_finite to skip) leaves m as it was.
+    finite = jnp.isfinite(up.reached)
+
+    def mean_of(m, g):
+      if not jnp.issubdtype(jnp.result_type(g), jnp.inexact):
+        return m
+      new = jnp.where(started, lmbda * m + (1 - lmbda) * g, g)
+      return jnp.where(finite, new, m).astype(m.dtype)
+
+    momentum = jax.tree.map(mean_of, state.momentum, g)
     stats = up.layout.mean((up.loss.astype(jnp.float32), up.reached.astype(jnp.float32)))
     new_state = FriendlySAMState(numerics.safe_increment(state.count), momentum, *stats)
     return like(up.layout.finish(up.perturbed_grads), updates, params), new_state

@@ -34,9 +34,9 @@ class LookSAMState(NamedTuple):
 
 
 def _orthogonal_part(g, g_s, layout):
-  """``g_v = g_s - (<g, g_s> / ||g||^2) g``."""
+  """``g_v = g_s - (<g, g_s> / ||g||^2) g``, and whether it is finite (its coefficient is)."""
   c = projection(g_s, g, layout)
-  return jax.tree.map(lambda s, x: combination(1, s, -c, x), g_s, g)
+  return jax.tree.map(lambda s, x: combination(1, s, -c, x), g_s, g), jnp.isfinite(c)
 
 
 def _reuse(g, g_v, alpha, layout):
@@ -75,8 +75,11 @@ def _update(
   def full(sam_state, _):
     up = ascend(ascent, updates, params, loss_fn, sam_state.count, loss_scale=loss_scale)
     # Per device and then averaged, like GSAM; with sync, from the global g and g_s.
-    g_v = _orthogonal_part(up.grads, up.perturbed_grads, up.layout)
+    g_v, finite = _orthogonal_part(up.grads, up.perturbed_grads, up.layout)
     out, g_v = up.layout.finish((up.perturbed_grads, g_v))
+    # A non-finite step (its update NaN, for apply_if_finite to skip) keeps the stored g_v.
+    finite = finite & jnp.isfinite(up.reached)
+    g_v = jax.tree.map(lambda new, old: jnp.where(finite, new, old), g_v, state.orthogonal)
     return like(out, updates, params), LookSAMState(
       next_state(sam_state, up.layout, up.loss, up.reached), like(g_v, state.orthogonal, params)
     )

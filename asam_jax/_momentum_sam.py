@@ -270,17 +270,9 @@ def momentum_sam_weights(params: Any, state: Any) -> Any:
   References:
     Becker, Altrock and Risse, Momentum-SAM, arXiv:2401.12033, 2024.
   """
-  found = [
-    s
-    for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, MomentumSAMState))
-    if isinstance(s, MomentumSAMState)
-  ]
-  if len(found) != 1:
-    raise ValueError(
-      f"state must contain exactly one MomentumSAMState (the state of "
-      f"asam_jax.momentum_sam or momentum_sam_adamw), found {len(found)}."
-    )
-  (msam,) = found
+  msam = _validation.only_state(
+    state, MomentumSAMState, "asam_jax.momentum_sam or momentum_sam_adamw"
+  )
   # Leaf by leaf, so that the wrappers around either tree do not matter: nnx.Optimizer
   # holds the momentum as OptVariables where nnx.state(model, nnx.Param) holds Params.
   w_leaves, treedef = jax.tree.flatten(params)

@@ -15,10 +15,40 @@ import chex
 import jax
 
 from asam_jax import _validation
-from asam_jax._ball import make_ball
+from asam_jax._ball import Ball, make_ball
 from asam_jax._layout import Layout, shard_axes_of
 from asam_jax._masks import Mask
 from asam_jax._maximizer import real_gradient
+
+
+def ball_at(
+  params: Any,
+  grads: Any,
+  rho: chex.Numeric,
+  eta: chex.Numeric,
+  adaptive: bool,
+  adaptive_mask: Mask | None,
+  perturb_mask: Mask | None,
+  *,
+  p: float = 2,
+  floor: float = 0.0,
+) -> Ball:
+  """The ball of the pure functions (SAM's or ASAM's, outside any transformation), checked."""
+  p = _validation.check_p(p)
+  _validation.check_nonnegative("rho", rho)
+  _validation.check_nonnegative("eta", eta)
+  return make_ball(
+    params,
+    grads,
+    rho=rho,
+    eta=eta,
+    geometry="adaptive" if adaptive else "euclidean",
+    p=p,
+    floor=floor,
+    adaptive_mask=adaptive_mask,
+    perturb_mask=perturb_mask,
+    layout=Layout(shard_axes=shard_axes_of(params)),
+  )
 
 
 def perturbation(
@@ -86,22 +116,8 @@ def perturbation(
     Minimization for Scale-Invariant Learning of Deep Neural Networks,
     ICML 2021.
   """
-  p = _validation.check_p(p)
-  _validation.check_nonnegative("rho", rho)
-  _validation.check_nonnegative("eta", eta)
   _validation.check_nonnegative("eps", eps)
-  ball = make_ball(
-    params,
-    grads,
-    rho=rho,
-    eta=eta,
-    geometry="adaptive" if adaptive else "euclidean",
-    p=p,
-    floor=eps,
-    adaptive_mask=adaptive_mask,
-    perturb_mask=perturb_mask,
-    layout=Layout(shard_axes=shard_axes_of(params)),
-  )
+  ball = ball_at(params, grads, rho, eta, adaptive, adaptive_mask, perturb_mask, p=p, floor=eps)
   directions = [real_gradient(jax.tree.leaves(grads)[i]) for i in ball.chosen]
   return ball.tree(ball.maximizer(directions)[0])
 
@@ -145,16 +161,5 @@ def random_perturbation(
     Wen, Ma and Li, How Does Sharpness-Aware Minimization Minimize Sharpness?,
     ICLR 2023 (average-direction sharpness).
   """
-  _validation.check_nonnegative("rho", rho)
-  _validation.check_nonnegative("eta", eta)
-  ball = make_ball(
-    params,
-    params,
-    rho=rho,
-    eta=eta,
-    geometry="adaptive" if adaptive else "euclidean",
-    adaptive_mask=adaptive_mask,
-    perturb_mask=perturb_mask,
-    layout=Layout(shard_axes=shard_axes_of(params)),
-  )
+  ball = ball_at(params, params, rho, eta, adaptive, adaptive_mask, perturb_mask)
   return ball.tree(ball.maximizer(ball.random_directions(key), in_ball=True)[0])

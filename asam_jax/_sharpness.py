@@ -21,11 +21,9 @@ import jax
 import jax.numpy as jnp
 
 from asam_jax import _validation
-from asam_jax._ball import make_ball
-from asam_jax._layout import Layout, shard_axes_of
 from asam_jax._masks import Mask
 from asam_jax._maximizer import real_gradient
-from asam_jax._perturbation import random_perturbation
+from asam_jax._perturbation import ball_at, random_perturbation
 
 
 def sharpness(
@@ -97,23 +95,12 @@ def sharpness(
       f"sharpness supports p=2 and p=float('inf'), got p={p}: those are the balls "
       "whose projection is exact."
     )
-  _validation.check_nonnegative("rho", rho)
-  _validation.check_nonnegative("eta", eta)
   if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
     raise ValueError(f"steps must be an int >= 1, got {steps!r}.")
+  _validation.check_nonnegative("rho", rho)
   step_size = rho / 2 if step_size is None else step_size
   _validation.check_nonnegative("step_size", step_size)
-  ball = make_ball(
-    params,
-    params,
-    rho=rho,
-    eta=eta,
-    geometry="adaptive" if adaptive else "euclidean",
-    p=p,
-    adaptive_mask=adaptive_mask,
-    perturb_mask=perturb_mask,
-    layout=Layout(shard_axes=shard_axes_of(params)),
-  )
+  ball = ball_at(params, params, rho, eta, adaptive, adaptive_mask, perturb_mask, p=p)
   step_size = _validation.guard(step_size, ball.dtype)
 
   def ascent(grads):

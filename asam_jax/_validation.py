@@ -154,3 +154,16 @@ def in_interval(
     interval = f"[{low}, {high})" if closed_low else f"({low}, {high}]"
     raise ValueError(f"{name} must be in {interval}, got {value}: it is {meaning}.")
   return value
+
+
+def only_state(state: Any, kind: type, constructors: str) -> Any:
+  """The one ``kind`` inside an optimizer state (a chain's tuple, ``nnx.Optimizer``'s ``opt_state``)."""
+  found = [
+    s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, kind)) if isinstance(s, kind)
+  ]
+  if len(found) != 1:
+    raise ValueError(
+      f"state must contain exactly one {kind.__name__} (the state of {constructors}), "
+      f"found {len(found)}."
+    )
+  return found[0]
