@@ -12,7 +12,9 @@
 
 import functools
 import math
+import re
 import warnings
+from pathlib import Path
 
 import chex
 import helpers
@@ -395,3 +397,74 @@ def test_apply_if_finite_inside_the_chain_skips_the_optimizer_but_not_the_varian
   updates, state = update(grads, state)
   assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates))  # and never recovers
   assert math.isnan(float(state[0].perturbation_norm))
+
+
+# --- docs/mixed_precision.md --------------------------------------------------------------
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "mixed_precision.md"
+
+
+@pytest.mark.slow
+def test_the_recipes_in_the_docs_run():
+  blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(encoding="utf-8"), re.DOTALL)
+  assert len(blocks) == 2
+  scope = {}
+  exec(blocks[0], scope)  # the second continues the first
+  assert scope["params"]["w1"].dtype == jnp.float32 and np.isfinite(scope["value"])
+  exec(blocks[1], scope)
+  assert float(scope["loss_scale"].loss_scale) == 2.0**15
+  assert jmp.all_finite(scope["params"])
+
+
+def mlp_100k(seed):
+  """The docs' measurement: a 99,530-weight ReLU MLP, 256 Gaussian inputs, random labels."""
+  params = helpers.mlp_init(jax.random.key(seed), [64, 256, 256, 64, 10])
+  kx, ky = jax.random.split(jax.random.key(100 + seed))
+  x, labels = jax.random.normal(kx, (256, 64)), jax.random.randint(ky, (256,), 0, 10)
+  return params, x, labels
+
+
+@pytest.mark.slow
+def test_bf16_params_lose_most_of_eps_on_a_100k_weight_mlp(fresh_warning):
+  # The numbers of docs/mixed_precision.md, for its first seed.
+  params32, x, labels = mlp_100k(0)
+  assert flat(params32).size == 99_530
+  bf16 = lambda t: jax.tree.map(lambda a: a.astype(jnp.bfloat16), t)
+  as32 = lambda t: jax.tree.map(lambda a: a.astype(jnp.float32), t)
+  loss_fn = lambda p: optax.softmax_cross_entropy_with_integer_labels(
+    helpers.mlp_apply(bf16(p), x.astype(jnp.bfloat16)).astype(jnp.float32), labels
+  ).mean()
+  loss32 = lambda p: helpers.xent(p, x, labels)
+  rho = 0.01
+  tx = asam_jax.sam(rho=rho)
+  sam = jax.jit(lambda g, p, f: tx.update(g, tx.init(p), p, loss_fn=f), static_argnums=2)
+  eps_of = jax.jit(functools.partial(asam_jax.perturbation, rho=rho))
+  cosine = lambda a, b: a @ b / np.linalg.norm(a) / np.linalg.norm(b)
+
+  g32 = jax.grad(loss32)(params32)
+  correction = flat(sam(g32, params32, loss32)[0]) - flat(g32)  # g(w + eps) - g(w), float32
+  # bfloat16 params
+  params = bf16(params32)
+  g = jax.grad(loss_fn)(params)
+  with pytest.warns(UserWarning, match="below float32"):
+    updates, state = sam(g, params, loss_fn)
+  eps = flat(eps_of(as32(g), as32(params)))
+  w = flat(params)
+  reached = flat(bf16(jax.tree.map(jnp.add, as32(params), eps_of(as32(g), as32(params))))) - w
+  lost = np.mean(reached[eps != 0] == 0)
+  assert 0.93 < lost < 0.96  # 94.3%
+  assert 0.6 < cosine(reached, eps) < 0.7  # 0.66
+  np.testing.assert_allclose(state.perturbation_norm, np.linalg.norm(reached), rtol=1e-6)
+  assert 0.75 < state.perturbation_norm / rho < 0.85  # 0.80
+  assert 0.45 < flat(g) @ reached / (flat(g) @ eps) < 0.6  # 0.53 of the loss increase
+  size = np.linalg.norm(flat(updates) - flat(g)) / np.linalg.norm(correction)
+  assert 0.5 < size < 0.65  # 0.58 of SAM's correction
+  # float32 master weights, bfloat16 compute
+  g = jax.grad(loss_fn)(params32)
+  updates, state = sam(g, params32, loss_fn)
+  np.testing.assert_allclose(state.perturbation_norm, rho, rtol=1e-6)
+  eps = eps_of(g, params32)
+  seen = flat(bf16(jax.tree.map(jnp.add, params32, eps))) - flat(bf16(params32))
+  assert 0.95 < flat(g) @ seen / (flat(g) @ flat(eps)) < 1.05  # 1.04: unbiased
+  size = np.linalg.norm(flat(updates) - flat(g)) / np.linalg.norm(correction)
+  assert 0.9 < size < 1.1  # 1.03
