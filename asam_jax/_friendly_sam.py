@@ -97,7 +97,7 @@ def friendly_sam(
     [ 0.7288 -0.7224]
 
   References:
-    Li, Zhou, He, Chen, Shen, Huang, Friendly Sharpness-Aware Minimization,
+    Li, Zhou, He, Cheng and Huang, Friendly Sharpness-Aware Minimization,
     CVPR 2024, Algorithm 1; the authors' code, https://github.com/nblt/F-SAM.
   """
   _validation.check_nonnegative("sigma", sigma)
