@@ -139,13 +139,15 @@ class Ascent(NamedTuple):
     who: the constructor's name, for error messages.
     rho: the radius, a number or a schedule of the step count.
     eta: the geometry's coefficient (ASAM's offset, Fisher SAM's weight), likewise.
-    geometry: ``"euclidean"`` (SAM), ``"adaptive"`` (ASAM) or ``"fisher"``.
+    geometry: ``"euclidean"`` (SAM), ``"adaptive"`` (ASAM) or ``"fisher"``
+      (Fisher SAM), as :func:`asam_jax._ball.make_ball` builds it.
     p: the norm of the ball.
     floor: norms at most this are divided by it instead (the constructors' ``eps``).
     adaptive_mask: which leaves the geometry scales (``None``: all).
     perturb_mask: which leaves are perturbed.
     axis_name: the data-parallel axes, or ``None``.
-    sync: ``sync_perturbation``: ``False``, ``True`` or the axes synced over.
+    sync: the axes ``sync_perturbation`` averages the gradient over first
+      (``()`` for per-device mSAM, every axis of ``axis_name`` for global SAM).
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
     steps: the number of ascent steps (1: SAM).
     projection: whether each ascent step is projected back onto the ball.
