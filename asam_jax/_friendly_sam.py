@@ -138,7 +138,7 @@ def friendly_sam(
     )
     g = up.layout.mean(up.grads)
     # A non-finite gradient (its step NaN, for apply_if_finite to skip) leaves m as it was.
-    finite = jnp.isfinite(up.reached)
+    finite = up.layout.everywhere(jnp.isfinite(up.reached))
 
     def mean_of(m, g):
       if not jnp.issubdtype(jnp.result_type(g), jnp.inexact):

@@ -101,6 +101,10 @@ class Layout(NamedTuple):
 
     return jax.tree.map(mean, tree)
 
+  def everywhere(self, flag: chex.Array) -> chex.Array:
+    """Whether ``flag`` holds on every device of the data-parallel axes (so it is replicated)."""
+    return self.mean(flag.astype(jnp.float32)) == 1
+
   def ascent_gradient(self, grads: Any) -> Any:
     """The gradient the perturbation is computed from: averaged over the synced axes first."""
     return self.mean(grads, self.sync_axes)

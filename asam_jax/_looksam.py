@@ -78,7 +78,7 @@ def _update(
     g_v, finite = _orthogonal_part(up.grads, up.perturbed_grads, up.layout)
     out, g_v = up.layout.finish((up.perturbed_grads, g_v))
     # A non-finite step (its update NaN, for apply_if_finite to skip) keeps the stored g_v.
-    finite = finite & jnp.isfinite(up.reached)
+    finite = up.layout.everywhere(finite & jnp.isfinite(up.reached))
     g_v = jax.tree.map(lambda new, old: jnp.where(finite, new, old), g_v, state.orthogonal)
     return like(out, updates, params), LookSAMState(
       next_state(sam_state, up.layout, up.loss, up.reached), like(g_v, state.orthogonal, params)
