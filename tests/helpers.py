@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 import reference
 
 import asam_jax
@@ -223,6 +224,21 @@ def perturbed_params(grads, params, *, rho, eta=0.0, adaptive=False):
   e = reference.perturbation(g, w, rho=rho, eta=eta, adaptive=flags)
   new = [jnp.asarray(np.asarray(a, np.float64) + b, jnp.float32) for a, b in zip(w, e)]
   return jax.tree.unflatten(jax.tree.structure(params), new)
+
+
+# --- the tiers ------------------------------------------------------------------------------
+
+
+def tiered(values, fast):
+  """``values`` as pytest parameters, those not in ``fast`` marked slow: the fast tier keeps
+  a few representatives of a parametrization, the full run takes every one."""
+  out = []
+  for v in values:
+    marks = () if v in fast else pytest.mark.slow
+    out.append(
+      pytest.param(*v, marks=marks) if isinstance(v, tuple) else pytest.param(v, marks=marks)
+    )
+  return out
 
 
 # --- the peers' base optimizer ------------------------------------------------------------

@@ -332,6 +332,7 @@ def test_conventions_mode_writes_the_table(tmp_path):
   assert not (tmp_path / "results.json").exists()
 
 
+@pytest.mark.slow
 def test_report_rerenders_the_markdown_without_training(tmp_path, monkeypatch):
   cli.main(["--models", "mlp", "--methods", "sgd", "--seeds", "1", "--epochs", "1",
             "--out", str(tmp_path / "run")])  # fmt: skip

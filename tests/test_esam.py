@@ -69,6 +69,7 @@ def test_beta_and_gamma_one_is_sam_bit_for_bit():
   chex.assert_trees_all_equal(esam, sam)
 
 
+@pytest.mark.slow
 def test_each_leaf_is_drawn_with_probability_beta_and_the_key_decides():
   """On L = sum_i ||w_i||^2 / 2 the update is w + eps, so eps shows which leaves were drawn."""
   params = {f"w{i:02d}": jnp.full(3, 1.0 + i) for i in range(20)}

@@ -23,6 +23,7 @@ from helpers import (
   assert_trees_differ,
   host,
   perturbed_params,
+  tiered,
 )
 
 import asam_jax
@@ -96,7 +97,7 @@ def linen_one_step(method):
   return stepped, step_grads, clean_stats, perturbed_stats, adversarial, other_adversarial
 
 
-@pytest.mark.parametrize("method", WITH_REFERENCE)
+@pytest.mark.parametrize("method", tiered(WITH_REFERENCE, ("sam",)))
 def test_linen_batch_stats_come_from_the_clean_pass_only(method):
   stepped, _, clean_stats, perturbed_stats, _, _ = linen_one_step(method)
   assert_close(stepped.batch_stats, clean_stats, rtol=1e-6)
@@ -105,7 +106,7 @@ def test_linen_batch_stats_come_from_the_clean_pass_only(method):
   assert int(stepped.step) == 1 and int(stepped.opt_state[0].count) == 1
 
 
-@pytest.mark.parametrize("method", WITH_REFERENCE)
+@pytest.mark.parametrize("method", tiered(WITH_REFERENCE, ("sam",)))
 def test_linen_perturbed_pass_uses_the_clean_dropout_key(method):
   _, step_grads, _, _, adversarial, other_adversarial = linen_one_step(method)
   assert_close(step_grads, adversarial, rtol=1e-4, atol=1e-5)
@@ -171,7 +172,7 @@ def test_nnx_wrt_other_than_the_optimizers_says_to_pass_the_same():
     optimizer.update(model, all_grads, loss_fn=loss_fn)
 
 
-@pytest.mark.parametrize("method", WITH_REFERENCE)
+@pytest.mark.parametrize("method", tiered(WITH_REFERENCE, ("sam",)))
 def test_nnx_step_equals_the_hand_built_reference(method):
   model = NnxNet(nnx.Rngs(params=0, dropout=1))
   # nnx_value_and_grad's closure returns the bare loss, so tx needs no has_aux.

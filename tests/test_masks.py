@@ -4,6 +4,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import pytest
+from helpers import tiered
 
 import asam_jax
 from asam_jax._masks import resolve_mask
@@ -138,8 +139,13 @@ MASKS = {
 }
 
 
-@pytest.mark.parametrize("mask", MASKS)
-@pytest.mark.parametrize("method", ["sam", "asam", "gsam"])
+@pytest.mark.parametrize(
+  "method, mask",
+  tiered(
+    [(m, k) for m in ("sam", "asam", "gsam") for k in MASKS],
+    [("asam", "kernel_mask"), ("gsam", "weight_mask")],
+  ),
+)
 def test_stacked_layers_give_the_updates_of_the_unstacked_ones(method, mask):
   embed, blocks = _layers(jax.random.key(0))
   x = jnp.arange(5)

@@ -191,7 +191,8 @@ def f32_step(tx, method):
 # --- bfloat16 compute, float32 master weights -------------------------------------------------
 
 
-@pytest.mark.parametrize("name", each(["sam", "asam"]))
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["sam", "asam"])
 def test_bf16_compute_with_float32_master_weights_follows_float32(name, fresh_warning):
   method = METHODS[name]
   tx, _, _, f32 = compiled(name)

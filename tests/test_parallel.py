@@ -44,6 +44,7 @@ from helpers import (
   msam64,
   sam_grad64,
   scan_steps,
+  tiered,
   unflat,
 )
 from jax.sharding import NamedSharding
@@ -412,7 +413,17 @@ def device(tree, i):
   return jax.tree.map(lambda a: a[i], tree)
 
 
-@pytest.mark.parametrize("method, sync", VARIANT_CASES)
+# The fast tier: a decomposition, a cond, a draw, an optimizer, a direction with a state.
+FAST_VARIANTS = (
+  ("gsam", False),
+  ("looksam", True),
+  ("random_sam", False),
+  ("momentum_sam", False),
+  ("friendly_sam", False),
+)
+
+
+@pytest.mark.parametrize("method, sync", tiered(VARIANT_CASES, FAST_VARIANTS))
 def test_variants_under_pmap_stay_replicated_and_match_the_reference(method, sync):
   run = pmap_run(method, sync)
   # every device's params and state, bit for bit
@@ -424,7 +435,7 @@ def test_variants_under_pmap_stay_replicated_and_match_the_reference(method, syn
     assert not np.allclose(msam_w, global_w, rtol=1e-4, atol=0)
 
 
-@pytest.mark.parametrize("method, sync", VARIANT_CASES)
+@pytest.mark.parametrize("method, sync", tiered(VARIANT_CASES, FAST_VARIANTS[:2]))
 def test_variants_under_shard_map_equal_pmap(method, sync):
   """Unrolled steps, looksam's branch picked by full_step=, params replicated (P())."""
   tx = variant(method, "data", sync)

@@ -276,6 +276,7 @@ def test_gsam_minimize_fp_false_matches_big_vision():
     assert_named_close(at(params, t), w)
 
 
+@pytest.mark.slow
 def test_gsam_per_device_decomposition_matches_big_vision_trainer_under_pmap():
   """gsam(axis_name=...) decomposes each device's own g and g_p and averages, as their trainer."""
   n = jax.local_device_count()
