@@ -54,7 +54,8 @@ class Ball(NamedTuple):
     params: the flattened params ``w``.
     chosen: the indices of the perturbed leaves.
     scales: for each chosen leaf, ``(operand -> T, operand)``, or ``None``
-      where ``T`` is the identity.
+      where ``T`` is the identity; the operand is a tuple of the array ``T``
+      reads and its scalars.
     rho: the radius this update, guarded (NaN where invalid).
     p: the ball's norm.
     floor: norms below it are divided by it instead.
@@ -251,14 +252,17 @@ def make_ball(
 
   # One function per geometry, shared by its leaves: the slow path of the norms
   # applies it once to their concatenation.
+  # Each operand carries the scalars its T reads (see asam_jax._norms.Term).
   if geometry == "adaptive":
-    t, operands = (lambda w: jnp.abs(w).astype(dtype) + eta), [as_real(w) for w in ws]
+    t = lambda op: jnp.abs(op[0]).astype(dtype) + op[1]
+    operands = [(as_real(w), eta) for w in ws]
   elif geometry == "fisher":
     # (1 + eta g^2)^-1/2 through hypot, which neither overflows nor underflows.
-    t = lambda g: 1 / jnp.hypot(jnp.ones([], dtype), jnp.sqrt(eta) * g.astype(dtype))
-    operands = [real_gradient(g) for g in g_leaves]
+    t = lambda op: 1 / jnp.hypot(jnp.ones([], dtype), jnp.sqrt(op[1]) * op[0].astype(dtype))
+    operands = [(real_gradient(g), eta) for g in g_leaves]
   else:
-    t, operands = (lambda s: jax.lax.rsqrt(s.astype(dtype))), jax.tree.leaves(precision)
+    t = lambda op: jax.lax.rsqrt(op[0].astype(dtype))
+    operands = [(s, None) for s in jax.tree.leaves(precision)]
 
   def scale(i):
     return (t, operands[i]) if flags[i] else None

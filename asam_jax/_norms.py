@@ -29,6 +29,7 @@ from typing import Any
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from asam_jax._layout import Layout
 from asam_jax._varying import barrier
@@ -94,8 +95,14 @@ def guarded(
   )
 
 
-Term = tuple[chex.Array, Callable[[chex.Array], chex.Array] | None, Any]
-"""One leaf of a scaled vector: ``(d, scale, operand)``, the leaf ``scale(operand) d``."""
+Term = tuple[chex.Array, Callable[[Any], chex.Array] | None, Any]
+"""One leaf of a scaled vector: ``(d, scale, operand)``, the leaf ``scale(operand) d``.
+
+The operand holds the scalars ``scale`` reads as well as the arrays (ASAM's
+``(w, eta)``): through the barrier each leaf gets its own copy of them, since one
+broadcast of a scalar shared by the leaves of a shape would be written out at
+full size, XLA:CPU's reduction kernels taking no broadcast operand.
+"""
 
 
 def _value(term: Term, dtype: Any) -> chex.Array:
@@ -104,22 +111,50 @@ def _value(term: Term, dtype: Any) -> chex.Array:
   return d if scale is None else scale(operand) * d
 
 
-def _groups(
-  layout: Layout, leaves: Sequence[int], keys: Sequence[Any]
+# The slow path concatenates leaves in chunks of at most this many entries (a leaf
+# larger than that is read on its own): one chunk's copy at a time, so that its
+# scratch stays small however large the model.
+CHUNK = 1 << 18
+
+
+def _chunks(
+  layout: Layout, leaves: Sequence[int], xs: Sequence[chex.Array], keys: Sequence[Any] | None = None
 ) -> list[tuple[Any, list[int]]]:
-  """The positions of ``leaves`` grouped by each leaf's shard axes and ``keys``."""
-  groups: dict[tuple[Any, Any], list[int]] = {}
-  for k, (i, key) in enumerate(zip(leaves, keys)):
+  """The positions of ``leaves`` packed into chunks, each with the shard axes of its leaves.
+
+  Leaves with the same shard axes (and the same ``keys``: the same scale)
+  share a chunk up to ``CHUNK`` entries; a larger leaf, or one sharded by
+  explicit-mode jit (which cannot join a concatenation), is a chunk of its own.
+  """
+  chunks: list[tuple[Any, list[int]]] = []
+  open_chunks: dict[Any, tuple[list[int], int]] = {}
+  for k, (i, x, key) in enumerate(zip(leaves, xs, keys or [None] * len(leaves))):
     axes = layout.shard_axes[i] if layout.shard_axes else ()
-    groups.setdefault((axes, key), []).append(k)
-  return [(axes, positions) for (axes, _), positions in groups.items()]
+    size = int(np.size(x))
+    if size > CHUNK or _apart(x):
+      chunks.append((axes, [k]))
+      continue
+    positions, total = open_chunks.get((axes, key), ([], CHUNK))
+    if total + size > CHUNK:
+      positions, total = [], 0
+      chunks.append((axes, positions))
+    positions.append(k)
+    open_chunks[axes, key] = (positions, total + size)
+  return chunks
 
 
-def _flat(arrays: Sequence[chex.Array], positions: Sequence[int]) -> chex.Array:
-  """The arrays at ``positions`` as one vector (the slow path's only copy), or the one array."""
+def _flat(
+  arrays: Sequence[chex.Array], positions: Sequence[int], second: bool = False
+) -> chex.Array:
+  """The arrays at ``positions`` as one vector (the one array, if it is one).
+
+  The second pass over a chunk concatenates in reverse order, so that XLA does
+  not take it for the first pass's copy and keep that alive until then.
+  """
   if len(positions) == 1:
     return arrays[positions[0]]
-  return jnp.concatenate([jnp.ravel(arrays[k]) for k in positions])
+  order = positions[::-1] if second else positions
+  return jnp.concatenate([jnp.ravel(arrays[k]) for k in order])
 
 
 def _apart(x: chex.Array) -> bool:
@@ -128,12 +163,16 @@ def _apart(x: chex.Array) -> bool:
   return spec is not None and any(s is not None for s in spec)
 
 
-def _reduce_groups(values, axes, reduce, collective, combine):
-  """``reduce`` over every group's vector, over its shard axes (``collective``), then ``combine``d."""
+def _over_chunks(chunks, values, reduce, collective, combine):
+  """``reduce`` over each chunk's vector, over its shard axes (``collective``), ``combine``d.
+
+  ``values(positions)`` builds a chunk's vector where it is reduced, so that
+  each chunk's copy is written and read on its own.
+  """
   totals = []
-  for a, vector in zip(axes, values):
-    total = reduce(vector)
-    totals.append(collective(total, a) if a else total)
+  for axes, positions in chunks:
+    total = reduce(values(positions))
+    totals.append(collective(total, axes) if axes else total)
   return totals[0] if len(totals) == 1 else combine(jnp.stack(totals))
 
 
@@ -175,20 +214,27 @@ def power_sum(
   fast = layout.sum(
     [reduce(_value((d, t[1], op), dtype)) for (d, op), t in zip(read, terms)], leaves
   )
-  # Leaves sharded by explicit-mode jit stay apart, each reduced on its own.
-  groups = _groups(
-    layout, leaves, [k if _apart(d) else id(scale) for k, (d, scale, _) in enumerate(terms)]
-  )
+  chunks = _chunks(layout, leaves, [d for d, _, _ in terms], [id(t[1]) for t in terms])
 
   def slow(arrays):
-    axes, flat = [], []
-    for a, positions in groups:
-      scale = terms[positions[0]][1]
-      operand = None if scale is None else _flat([op for _, op in arrays], positions)
-      flat.append(_value((_flat([d for d, _ in arrays], positions), scale, operand), dtype))
-      axes.append(a)
-    s = pow2_inverse(_reduce_groups(flat, axes, _abs_max, jax.lax.pmax, jnp.max))
-    return post(_reduce_groups([v * s for v in flat], axes, reduce, jax.lax.psum, jnp.sum), s)
+    def scaled(arrays, positions, s=None):
+      # One copy of the chunk's d (and of the operands its scale reads), scaled as a whole.
+      d = _flat([d for d, _ in arrays], positions).astype(dtype)
+      scale, operand = terms[positions[0]][1], arrays[positions[0]][1]
+      if scale is not None:
+        read = _flat([None if op is None else op[0] for _, op in arrays], positions)
+        scale = scale((read, *operand[1:]))
+      d = d if s is None else d * s
+      return d if scale is None else scale * d
+
+    s = pow2_inverse(
+      _over_chunks(chunks, lambda c: scaled(arrays, c), _abs_max, jax.lax.pmax, jnp.max)
+    )
+    # The second pass reads the arrays through a barrier, so that XLA shares nothing
+    # (a chunk's copy, its T) with the first pass and keeps nothing alive for it.
+    again = barrier(arrays)
+    total = _over_chunks(chunks, lambda c: scaled(again, c, s), reduce, jax.lax.psum, jnp.sum)
+    return post(total, s)
 
   return guarded(safe(fast), lambda: post(fast, jnp.ones([], dtype)), slow, arrays)
 
@@ -251,15 +297,26 @@ def inner_products(
     ok = ok & (safe(total) if i == j else jnp.isfinite(total))
   ones = [jnp.ones([], dtype)] * len(vectors)
 
+  chunks = _chunks(layout, leaves, vectors[0])
+
   def slow(vectors):
-    groups = _groups(layout, leaves, [k if _apart(x) else None for k, x in enumerate(vectors[0])])
-    axes = [a for a, _ in groups]
-    flat = [[widened(_flat(v, positions)) for _, positions in groups] for v in vectors]
-    scales = [pow2_inverse(_reduce_groups(f, axes, _abs_max, jax.lax.pmax, jnp.max)) for f in flat]
+    def scaled(v, positions, s=None):
+      flat = widened(_flat(v, positions))
+      return flat if s is None else flat * s
+
+    again = barrier(vectors)
+    scales = [
+      pow2_inverse(
+        _over_chunks(chunks, lambda c, v=v: scaled(v, c), _abs_max, jax.lax.pmax, jnp.max)
+      )
+      for v in vectors
+    ]
     sums = [
-      _reduce_groups(
-        [jnp.real(jnp.conj(a * scales[i]) * (b * scales[j])) for a, b in zip(flat[i], flat[j])],
-        axes,
+      _over_chunks(
+        chunks,
+        lambda c, i=i, j=j: jnp.real(
+          jnp.conj(scaled(again[i], c, scales[i])) * scaled(again[j], c, scales[j])
+        ),
         jnp.sum,
         jax.lax.psum,
         jnp.sum,
