@@ -257,9 +257,17 @@ def make_ball(
     t = lambda op: jnp.abs(op[0]).astype(dtype) + op[1]
     operands = [(as_real(w), eta) for w in ws]
   elif geometry == "fisher":
-    # (1 + eta g^2)^-1/2 through hypot, which neither overflows nor underflows.
-    t = lambda op: 1 / jnp.hypot(jnp.ones([], dtype), jnp.sqrt(op[1]) * op[0].astype(dtype))
-    operands = [(real_gradient(g), eta) for g in g_leaves]
+    # (1 + a^2)^-1/2 with a = sqrt(eta) |g|, as (1/b) ((1/b)^2 + (a/b)^2)^-1/2 with
+    # b = max(a, 1), which neither overflows nor underflows. Its 1 is an operand, as
+    # eta is: XLA:CPU's reductions take a scalar operand but not a broadcast literal,
+    # and jnp.hypot's selects not at all, either of which would write T out.
+    def t(op):
+      g, eta, one = op
+      a = jnp.sqrt(eta) * jnp.abs(g.astype(dtype))
+      inverse = one / jnp.maximum(a, one)
+      return inverse * jax.lax.rsqrt(jnp.square(inverse) + jnp.square(a * inverse))
+
+    operands = [(real_gradient(g), eta, jnp.ones([], dtype)) for g in g_leaves]
   else:
     t = lambda op: jax.lax.rsqrt(op[0].astype(dtype))
     operands = [(s, None) for s in jax.tree.leaves(precision)]

@@ -75,10 +75,18 @@ def test_alternating_takes_the_fisher_ball_and_refuses_several_steps_there():
     asam_jax.alternating(asam_jax.fisher_sam(ascent_steps=2), optax.sgd(0.1))
 
 
-def test_a_huge_gradient_keeps_the_radius():
-  """f = 1 + eta g^2 overflows float32 from |g| ~ 2e19; T is taken through hypot, which does not."""
-  g = {"w": jnp.array([3e30, -4e30, 1.0])}
+def test_a_huge_gradient_keeps_the_radius_and_the_direction():
+  """f = 1 + eta g^2 overflows float32 from |g| ~ 2e19; T is taken scaled by max(sqrt(eta)|g|, 1)."""
+  g = np.array([3e30, -4e30, 1.0])
   tx = asam_jax.fisher_sam(rho=0.5, eta=1.0)
-  params = {"w": jnp.ones(3)}
-  _, state = tx.update(g, tx.init(params), params, loss_fn=lambda p: jnp.sum(p["w"]))
+  params = {"w": jnp.zeros(3)}
+  loss_fn = lambda p: 0.5 * jnp.sum(p["w"] ** 2)  # its gradient at w + eps is eps
+  updates, state = tx.update(
+    {"w": jnp.asarray(g, jnp.float32)}, tx.init(params), params, loss_fn=loss_fn
+  )
+  # float64 reference: T = (1 + g^2)^-1/2 = 1/(|g| sqrt(1 + g^-2)), u = T g, eps = rho T u / ||u||.
+  t = 1 / (np.abs(g) * np.sqrt(1 + g**-2.0))
+  u = t * g
+  eps = 0.5 * t * u / np.linalg.norm(u)
+  np.testing.assert_allclose(updates["w"], eps, rtol=1e-5)
   np.testing.assert_allclose(state.perturbation_norm, 0.5, rtol=1e-5)
