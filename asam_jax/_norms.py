@@ -304,25 +304,28 @@ def inner_products(
       flat = widened(_flat(v, positions))
       return flat if s is None else flat * s
 
-    again = barrier(vectors)
     scales = [
       pow2_inverse(
         _over_chunks(chunks, lambda c, v=v: scaled(v, c), _abs_max, jax.lax.pmax, jnp.max)
       )
       for v in vectors
     ]
-    sums = [
-      _over_chunks(
+
+    def rescaled_sum(i, j):
+      # Each pair reads its vectors through a barrier of its own, so that a rescaled
+      # vector two pairs share (g_p in <g, g_p> and ||g_p||^2) is not written out for both.
+      # The scales go through it too: XLA:CPU's reductions take a scalar operand, not
+      # the arithmetic that makes one, which would otherwise be broadcast and written out.
+      x, y, s_x, s_y = barrier((vectors[i], vectors[j], scales[i], scales[j]))
+      return _over_chunks(
         chunks,
-        lambda c, i=i, j=j: jnp.real(
-          jnp.conj(scaled(again[i], c, scales[i])) * scaled(again[j], c, scales[j])
-        ),
+        lambda c: jnp.real(jnp.conj(scaled(x, c, s_x)) * scaled(y, c, s_y)),
         jnp.sum,
         jax.lax.psum,
         jnp.sum,
       )
-      for i, j in pairs
-    ]
+
+    sums = [rescaled_sum(i, j) for i, j in pairs]
     return post(sums, scales)
 
   return guarded(ok, lambda: post(fast, ones), slow, list(vectors))
