@@ -66,7 +66,7 @@ class Ball(NamedTuple):
   treedef: Any
   params: list[Any]
   chosen: list[int]
-  scales: list[tuple[Callable[[chex.Array], chex.Array], chex.Array] | None]
+  scales: list[tuple[Callable[[Any], chex.Array], tuple[Any, ...]] | None]
   rho: Any
   p: float
   floor: float
@@ -253,6 +253,7 @@ def make_ball(
   # One function per geometry, shared by its leaves: the slow path of the norms
   # applies it once to their concatenation.
   # Each operand carries the scalars its T reads (see asam_jax._norms.Term).
+  operands: list[tuple[Any, ...]]
   if geometry == "adaptive":
     t = lambda op: jnp.abs(op[0]).astype(dtype) + op[1]
     operands = [(as_real(w), eta) for w in ws]
