@@ -134,8 +134,8 @@ def _chunks(
     if size > CHUNK or _apart(x):
       chunks.append((axes, [k]))
       continue
-    positions, total = open_chunks.get((axes, key), ([], CHUNK))
-    if total + size > CHUNK:
+    positions, total = open_chunks.get((axes, key), (None, 0))
+    if positions is None or total + size > CHUNK:
       positions, total = [], 0
       chunks.append((axes, positions))
     positions.append(k)

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 
 import asam_jax
 from asam_jax._layout import Layout
-from asam_jax._norms import inner_products, pow2_inverse
+from asam_jax._norms import CHUNK, _chunks, inner_products, pow2_inverse
 
 PAIRS = [(0, 1), (1, 1), (0, 0)]
 
@@ -43,6 +43,15 @@ def test_ratios_of_inner_products_hold_anywhere_in_the_float32_range(log_x, log_
     np.testing.assert_allclose(got_projection, projection, rtol=1e-4, atol=1e-6 * ratio)
   if 1e-36 < ratio < 1e37:
     np.testing.assert_allclose(got_ratio, ratio, rtol=1e-5)
+
+
+def test_chunks_hold_every_leaf_once_empty_ones_included():
+  xs = [np.zeros(0), np.zeros(5), np.zeros(0), np.zeros(CHUNK), np.zeros(CHUNK - 4), np.zeros(7)]
+  chunks = _chunks(Layout(), range(len(xs)), xs)
+  assert sorted(k for _, positions in chunks for k in positions) == list(range(len(xs)))
+  assert all(positions for _, positions in chunks)
+  assert all(sum(xs[k].size for k in ps) <= CHUNK for _, ps in chunks)
+  assert _chunks(Layout(), [0], [np.zeros(0)]) == [((), [0])]
 
 
 @pytest.mark.parametrize("largest", [1.2e-38, 3e-30, 1.0, 5e20, 3.4e38])
