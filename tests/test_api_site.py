@@ -54,6 +54,14 @@ def test_the_build_has_no_warning(site):
   assert (site / "index.html").exists()
 
 
+def test_the_sites_own_pages_are_linked_not_copied(site):
+  """The README links docs/index.md: a copy of it would copy the pages it links in turn,
+  under docs/generated/docs/generated/, one level deeper at every build."""
+  copies = [p for p in (ROOT / "docs" / "generated" / "docs").rglob("*") if p.is_file()]
+  assert copies == []
+  assert 'href="../index.html"' in (site / "generated" / "guide.html").read_text()
+
+
 @pytest.mark.parametrize(("module", "name"), PUBLIC, ids=[f"{m}.{n}" for m, n in PUBLIC])
 def test_every_public_name_is_documented(site, inventory, module, name):
   full = f"{module}.{name}"
