@@ -658,7 +658,9 @@ def test_two_processes_match_the_single_process_run(tmp_path, method):
   for out in outs:
     with np.load(out) as got:
       saved = [got[f"arr_{i}"] for i in range(len(got.files))]
-    chex.assert_trees_all_close(saved, here, rtol=1e-6, atol=1e-7)
+    # atol: LookSAM's g_v = g_s - c g is a difference of near-equal vectors, in which the
+    # float32 rounding of sums taken in another order (gloo's) shows at ~1e-7 absolute.
+    chex.assert_trees_all_close(saved, here, rtol=1e-6, atol=1e-6)
 
 
 # --- the example ---------------------------------------------------------------------------
