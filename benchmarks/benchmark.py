@@ -1537,7 +1537,7 @@ def _fmt_load(load):
 
 _MARKED = re.compile(
   r"(?P<begin><!-- generated (?P<name>\w+) by benchmarks/benchmark\.py from "
-  r"results/benchmark\.json: do not edit -->\n).*?(?P<end><!-- end generated (?P=name) -->)",
+  r"results/(\w+/)?benchmark\.json: do not edit -->\n).*?(?P<end><!-- end generated (?P=name) -->)",
   re.DOTALL,
 )
 

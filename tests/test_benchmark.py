@@ -299,12 +299,17 @@ def test_leaves_tables_give_ratios_to_optax_and_the_growth_exponent():
   )
 
 
-def test_committed_readme_tables_are_rendered_from_the_committed_json(tmp_path):
-  """--report on a copy of the README reproduces it: numbers and text cannot drift apart."""
-  readme = tmp_path / "README.md"
-  shutil.copy(benchmark.README, readme)
-  benchmark.main(["--report", "--out", str(benchmark.RESULTS), "--readme", str(readme)])
-  assert readme.read_text() == benchmark.README.read_text()
+@pytest.mark.parametrize(
+  ("page", "results"),
+  [("README.md", benchmark.RESULTS), ("GPU.md", benchmark.RESULTS / "gpu")],
+)
+def test_committed_readme_tables_are_rendered_from_the_committed_json(tmp_path, page, results):
+  """--report on a copy of each page reproduces it: numbers and text cannot drift apart."""
+  committed = benchmark.HERE / page
+  readme = tmp_path / page
+  shutil.copy(committed, readme)
+  benchmark.main(["--report", "--out", str(results), "--readme", str(readme)])
+  assert readme.read_text() == committed.read_text()
 
 
 def test_readme_without_a_sections_markers_is_refused():
