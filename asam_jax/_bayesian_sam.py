@@ -12,7 +12,7 @@ from optax._src import numerics
 
 from asam_jax import _validation
 from asam_jax._ascent import ScalarOrSchedule, check_call, value_and_grad_at, value_at
-from asam_jax._ball import make_ball
+from asam_jax._ball import make_ball, normals
 from asam_jax._layout import check_sync, resolve
 from asam_jax._random_sam import check_key
 from asam_jax._sam import unscale
@@ -38,12 +38,11 @@ class BayesianSAMState(NamedTuple):
 
 
 def _noise(key: chex.PRNGKey, params: Any) -> Any:
-  """``n ~ N(0, I)`` like ``params``, one key per leaf."""
+  """``n ~ N(0, I)`` like ``params``, drawn in the widest of their dtypes (:func:`normals`)."""
   leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(key, len(leaves))
-  return jax.tree.unflatten(
-    treedef, [jax.random.normal(k, jnp.shape(w), jnp.result_type(w)) for k, w in zip(keys, leaves)]
-  )
+  dtype = jnp.result_type(*leaves) if leaves else jnp.float32
+  drawn = normals(key, leaves, dtype)
+  return jax.tree.unflatten(treedef, [n.astype(jnp.result_type(w)) for n, w in zip(drawn, leaves)])
 
 
 def bayesian_sam_sample(key: chex.PRNGKey, params: Any, state: Any, num_data: float) -> Any:

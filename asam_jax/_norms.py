@@ -117,7 +117,7 @@ def _value(term: Term, dtype: Any) -> chex.Array:
 CHUNK = 1 << 18
 
 
-def _chunks(
+def chunk_leaves(
   layout: Layout, leaves: Sequence[int], xs: Sequence[chex.Array], keys: Sequence[Any] | None = None
 ) -> list[tuple[Any, list[int]]]:
   """The positions of ``leaves`` packed into chunks, each with the shard axes of its leaves.
@@ -214,7 +214,7 @@ def power_sum(
   fast = layout.sum(
     [reduce(_value((d, t[1], op), dtype)) for (d, op), t in zip(read, terms)], leaves
   )
-  chunks = _chunks(layout, leaves, [d for d, _, _ in terms], [id(t[1]) for t in terms])
+  chunks = chunk_leaves(layout, leaves, [d for d, _, _ in terms], [id(t[1]) for t in terms])
 
   def slow(arrays):
     def scaled(arrays, positions, s=None):
@@ -297,7 +297,7 @@ def inner_products(
     ok = ok & (safe(total) if i == j else jnp.isfinite(total))
   ones = [jnp.ones([], dtype)] * len(vectors)
 
-  chunks = _chunks(layout, leaves, vectors[0])
+  chunks = chunk_leaves(layout, leaves, vectors[0])
 
   def slow(vectors):
     def scaled(v, positions, s=None):

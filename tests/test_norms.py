@@ -13,7 +13,7 @@ from hypothesis import given, settings
 
 import asam_jax
 from asam_jax._layout import Layout
-from asam_jax._norms import CHUNK, _chunks, inner_products, pow2_inverse
+from asam_jax._norms import CHUNK, chunk_leaves, inner_products, pow2_inverse
 
 PAIRS = [(0, 1), (1, 1), (0, 0)]
 
@@ -47,11 +47,11 @@ def test_ratios_of_inner_products_hold_anywhere_in_the_float32_range(log_x, log_
 
 def test_chunks_hold_every_leaf_once_empty_ones_included():
   xs = [np.zeros(0), np.zeros(5), np.zeros(0), np.zeros(CHUNK), np.zeros(CHUNK - 4), np.zeros(7)]
-  chunks = _chunks(Layout(), range(len(xs)), xs)
+  chunks = chunk_leaves(Layout(), range(len(xs)), xs)
   assert sorted(k for _, positions in chunks for k in positions) == list(range(len(xs)))
   assert all(positions for _, positions in chunks)
   assert all(sum(xs[k].size for k in ps) <= CHUNK for _, ps in chunks)
-  assert _chunks(Layout(), [0], [np.zeros(0)]) == [((), [0])]
+  assert chunk_leaves(Layout(), [0], [np.zeros(0)]) == [((), [0])]
 
 
 @pytest.mark.parametrize("largest", [1.2e-38, 3e-30, 1.0, 5e20, 3.4e38])

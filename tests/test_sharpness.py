@@ -168,7 +168,9 @@ def test_adaptive_sharpness_is_invariant_to_neuron_rescaling_and_plain_is_not():
   spread = np.ptp(values, axis=0) / np.abs(values).mean(axis=0)
   assert np.all(values[:, :2] > 0)
   assert spread[0] < 1e-4, values[:, 0]  # adaptive, worst case
-  assert spread[2] < 1e-4, values[:, 2]  # adaptive, average direction
+  # The average is 0.0024, a difference of losses near 1 whose float32 rounding (the rescaled
+  # weights are rounded too) is ~1e-4 of it: its bound sits above that, far below plain's.
+  assert spread[2] < 1e-3, values[:, 2]  # adaptive, average direction
   assert spread[1] > 1e-2, values[:, 1]  # plain
 
 
