@@ -206,28 +206,33 @@ def normals(
       device's index along their axes, so that each shard draws its own
       (default: none).
     leaves: the indices of ``xs`` among the params (for ``layout``).
-    shardings: each leaf's explicit sharding, or ``None``; a sharded leaf is
-      a chunk of its own, drawn with it (each device its shard).
+    shardings: each leaf's explicit sharding, or ``None``: its numbers are
+      the unsharded ones, resharded (a leaf drawn alone: each device draws
+      its shard).
 
   Returns:
     A list like ``xs``.
   """
   leaves = range(len(xs)) if leaves is None else leaves
-  chunks = chunk_leaves(layout or Layout(), leaves, xs)
+  shardings = shardings or [None] * len(xs)
+  # The chunks do not depend on explicit shardings, so that a sharded jit draws the numbers
+  # one device does.
+  chunks = chunk_leaves(layout or Layout(), leaves, xs, sharded_alone=False)
   out: list[Any] = [None] * len(xs)
   for chunk_key, (axes, positions) in zip(jax.random.split(key, len(chunks)), chunks):
     if axes:
       chunk_key = jax.random.fold_in(chunk_key, jax.lax.axis_index(axes))
     if len(positions) == 1:
       (k,) = positions
-      sharding = None if shardings is None else shardings[k]
-      out[k] = jax.random.normal(chunk_key, jnp.shape(xs[k]), dtype, out_sharding=sharding)
+      shape = jnp.shape(xs[k])
+      out[k] = jax.random.normal(chunk_key, shape, dtype, out_sharding=shardings[k])
       continue
     sizes = [math.prod(jnp.shape(xs[k])) for k in positions]
     flat = jax.random.normal(chunk_key, (sum(sizes),), dtype)
     start = 0
     for k, size in zip(positions, sizes):
-      out[k] = flat[start : start + size].reshape(jnp.shape(xs[k]))
+      x = flat[start : start + size].reshape(jnp.shape(xs[k]))
+      out[k] = x if shardings[k] is None else jax.sharding.reshard(x, shardings[k])
       start += size
   return out
 

@@ -118,20 +118,26 @@ CHUNK = 1 << 18
 
 
 def chunk_leaves(
-  layout: Layout, leaves: Sequence[int], xs: Sequence[chex.Array], keys: Sequence[Any] | None = None
+  layout: Layout,
+  leaves: Sequence[int],
+  xs: Sequence[chex.Array],
+  keys: Sequence[Any] | None = None,
+  *,
+  sharded_alone: bool = True,
 ) -> list[tuple[Any, list[int]]]:
   """The positions of ``leaves`` packed into chunks, each with the shard axes of its leaves.
 
   Leaves with the same shard axes (and the same ``keys``: the same scale)
-  share a chunk up to ``CHUNK`` entries; a larger leaf, or one sharded by
-  explicit-mode jit (which cannot join a concatenation), is a chunk of its own.
+  share a chunk up to ``CHUNK`` entries; a larger leaf is a chunk of its own,
+  and so, with ``sharded_alone``, is one sharded by explicit-mode jit (which
+  cannot join a concatenation).
   """
   chunks: list[tuple[Any, list[int]]] = []
   open_chunks: dict[Any, tuple[list[int], int]] = {}
   for k, (i, x, key) in enumerate(zip(leaves, xs, keys or [None] * len(leaves))):
     axes = layout.shard_axes[i] if layout.shard_axes else ()
     size = int(np.size(x))
-    if size > CHUNK or _apart(x):
+    if size > CHUNK or (sharded_alone and _apart(x)):
       chunks.append((axes, [k]))
       continue
     positions, total = open_chunks.get((axes, key), (None, 0))
