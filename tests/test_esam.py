@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import W0, X, Y, f32, ls_loss, one_update, sgd_base
+from helpers import W0, X, Y, f32, ls_loss, one_update, sgd_base, tiered
 from peers import esam as port
 
 import asam_jax
@@ -32,7 +32,9 @@ def draws(key, beta, steps, n):
   return out
 
 
-@pytest.mark.parametrize("beta, gamma", [(1.0, 1.0), (0.5, 0.5), (0.6, 0.3)])
+@pytest.mark.parametrize(
+  "beta, gamma", tiered([(1.0, 1.0), (0.5, 0.5), (0.6, 0.3)], [(0.5, 0.5), (0.6, 0.3)])
+)
 def test_matches_the_authors_step_with_the_papers_count(beta, gamma):
   key = jax.random.key(3)
   tx = optax.chain(

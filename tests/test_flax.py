@@ -161,6 +161,7 @@ def nnx_step(model, optimizer, x, y):
   return value
 
 
+@pytest.mark.slow
 def test_nnx_wrt_other_than_the_optimizers_says_to_pass_the_same():
   model = NnxNet(nnx.Rngs(0))
   optimizer = nnx.Optimizer(model, optax.chain(asam_jax.sam(), optax.sgd(0.1)), wrt=nnx.Param)

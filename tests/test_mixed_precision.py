@@ -219,6 +219,7 @@ def test_bf16_compute_with_float32_master_weights_follows_float32(name, fresh_wa
 # --- bfloat16 params: the warning and the radius reached --------------------------------------
 
 
+@pytest.mark.slow
 def test_bf16_params_warn_once_and_report_the_radius_after_rounding(fresh_warning):
   params32, x, labels = problem()
   params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params32)

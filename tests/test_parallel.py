@@ -413,11 +413,10 @@ def device(tree, i):
   return jax.tree.map(lambda a: a[i], tree)
 
 
-# The fast tier: a decomposition, a cond, a draw, an optimizer, a direction with a state.
+# The fast tier: a decomposition, a cond, an optimizer, a direction with a state.
 FAST_VARIANTS = (
   ("gsam", False),
   ("looksam", True),
-  ("random_sam", False),
   ("momentum_sam", False),
   ("friendly_sam", False),
 )

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import f32, sgd_base
+from helpers import f32, sgd_base, tiered
 from peers import (
   big_vision_gsam,
   davda54_sam,
@@ -174,7 +174,7 @@ def cnn_grad(p):
   return jax.grad(loss)(p)
 
 
-@pytest.mark.parametrize("scales", ["init", "spread"])
+@pytest.mark.parametrize("scales", tiered(["init", "spread"], ["spread"]))
 def test_asam_weight_mask_matches_the_official_ascent(scales):
   """perturbation(adaptive_mask=weight_mask) is ASAM.ascent_step's eps, given one CNN gradient.
 

@@ -25,6 +25,7 @@ from helpers import (
   rescale,
   sam_grad64,
   spirals,
+  tiered,
   train,
   xent,
 )
@@ -73,7 +74,7 @@ BASE_OPTIMIZERS = {
 }
 
 
-@pytest.mark.parametrize("base", BASE_OPTIMIZERS)
+@pytest.mark.parametrize("base", tiered(list(BASE_OPTIMIZERS), ["sgd_momentum_wd", "adamw"]))
 def test_chain_feeds_the_sam_gradient_to_any_optimizer(base):
   """chain(asam, opt) is opt applied to the reference ASAM gradient, over 3 steps."""
   opt = BASE_OPTIMIZERS[base]
@@ -573,7 +574,7 @@ COMPLEX_METHODS = {
 }
 
 
-@pytest.mark.parametrize("method", COMPLEX_METHODS)
+@pytest.mark.parametrize("method", tiered(list(COMPLEX_METHODS), ["sam", "asam"]))
 def test_a_complex_leaf_is_its_real_and_imaginary_parts(method):
   """The ascent follows JAX's convention (descent along conj(g)): the same step as the model
   written over two real leaves, whose gradient (g_re, g_im) JAX returns as g_re - i g_im."""
