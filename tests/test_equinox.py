@@ -125,6 +125,7 @@ def test_step_equals_the_float64_reference(method):
   assert int(opt_state[0].count) == 1
 
 
+@pytest.mark.slow
 def test_asam_adam_trajectory_equals_the_plain_optax_one():
   make_tx = lambda: optax.chain(asam_jax.asam(rho=0.5, eta=0.01), optax.adam(1e-2))
   model, tx = make_net(), make_tx()

@@ -262,6 +262,7 @@ def test_gsam_matches_big_vision_minimize_fp():
   assert max(np.max(np.abs(ours[n] - unshifted[n])) for n in w) > 1e-4
 
 
+@pytest.mark.slow
 def test_gsam_minimize_fp_false_matches_big_vision():
   """minimize_fp=False: g plus alpha times g_p's part orthogonal to g, as big_vision computes it."""
   rho_kw = {k: v for k, v in GSAM_KW.items() if k != "alpha"}
