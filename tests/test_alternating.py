@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import W0, X, Y, f32, ls_loss, scan_steps
+from helpers import W0, X, Y, f32, ls_loss, scan_steps, tiered
 
 import asam_jax
 
@@ -40,7 +40,7 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", tiered(list(CASES), ["sam_sgd", "asam_adamw"]))
 def test_calls_equal_steps_of_the_chain(case):
   make_tx, make_opt = CASES[case]
   period = 3 if "two_ascent" in case else 2

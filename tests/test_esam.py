@@ -32,9 +32,7 @@ def draws(key, beta, steps, n):
   return out
 
 
-@pytest.mark.parametrize(
-  "beta, gamma", tiered([(1.0, 1.0), (0.5, 0.5), (0.6, 0.3)], [(0.5, 0.5), (0.6, 0.3)])
-)
+@pytest.mark.parametrize("beta, gamma", tiered([(1.0, 1.0), (0.5, 0.5), (0.6, 0.3)], [(0.6, 0.3)]))
 def test_matches_the_authors_step_with_the_papers_count(beta, gamma):
   key = jax.random.key(3)
   tx = optax.chain(
