@@ -26,7 +26,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from asam_jax._varying import barrier, invariant_axes, to_varying, tracked_axes
+from asam_jax._varying import barrier, invariant_axes, to_varying, tracked_axes, varying_axes
 
 
 def axis_names(axis_name: Any) -> tuple[Any, ...]:
@@ -199,8 +199,7 @@ def shard_axes_of(params: Any) -> tuple[tuple[Any, ...], ...] | None:
   if not tracked:
     return None
   axes = tuple(
-    tuple(a for a in tracked if a in jax.typeof(leaf).manual_axis_type.varying)
-    for leaf in jax.tree.leaves(params)
+    tuple(a for a in tracked if a in varying_axes(leaf)) for leaf in jax.tree.leaves(params)
   )
   return axes if any(axes) else None
 

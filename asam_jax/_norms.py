@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from asam_jax._layout import Layout
-from asam_jax._varying import barrier
+from asam_jax._varying import barrier, cast_varying, varying_axes
 
 # The fast path accepts a sum at least 2^66 times the smallest normal number:
 # terms below that flush to zero, and n of them change the sum by < n 2^-66.
@@ -63,19 +63,6 @@ def safe(total: chex.Array) -> chex.Array:
   return jnp.isfinite(total) & (total >= float(jnp.finfo(total.dtype).tiny) * 2.0**_SAFE_MARGIN)
 
 
-def _varying(x: Any) -> frozenset[Any]:
-  """The manual axes a value (or a ``jax.ShapeDtypeStruct``) varies over."""
-  kind = (
-    x.manual_axis_type if isinstance(x, jax.ShapeDtypeStruct) else jax.typeof(x).manual_axis_type
-  )
-  return frozenset() if kind is None else kind.varying
-
-
-def _vary(x: chex.Array, axes: frozenset[Any]) -> chex.Array:
-  missing = tuple(axes - _varying(x))
-  return jax.lax.pcast(x, missing, to="varying") if missing else x
-
-
 def guarded(
   ok: chex.Array, fast: Callable[[], Any], slow: Callable[[Any], Any], operands: Any
 ) -> Any:
@@ -86,11 +73,11 @@ def guarded(
   """
   fast_types = jax.eval_shape(fast)
   slow_types = jax.eval_shape(slow, operands)
-  axes = jax.tree.map(lambda x, t: _varying(x) | _varying(t), fast_types, slow_types)
+  axes = jax.tree.map(lambda x, t: varying_axes(x) | varying_axes(t), fast_types, slow_types)
   return jax.lax.cond(
     ok,
-    lambda _: jax.tree.map(_vary, fast(), axes),
-    lambda ops: jax.tree.map(_vary, slow(ops), axes),
+    lambda _: jax.tree.map(cast_varying, fast(), axes),
+    lambda ops: jax.tree.map(cast_varying, slow(ops), axes),
     operands,
   )
 

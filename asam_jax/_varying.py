@@ -15,6 +15,20 @@ import jax
 import jax.numpy as jnp
 
 
+def varying_axes(x: Any) -> frozenset[Any]:
+  """The manual axes a value (or a ``jax.ShapeDtypeStruct``) varies over; none outside ``shard_map``."""
+  kind = (
+    x.manual_axis_type if isinstance(x, jax.ShapeDtypeStruct) else jax.typeof(x).manual_axis_type
+  )
+  return frozenset() if kind is None else kind.varying
+
+
+def cast_varying(x: chex.Array, axes: Any) -> chex.Array:
+  """``x`` cast to vary over each of ``axes`` it does not vary over yet."""
+  missing = tuple(a for a in axes if a not in varying_axes(x))
+  return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
 def tracked_axes(axis_name: Any) -> tuple[Any, ...]:
   """The names in ``axis_name`` over which ``shard_map`` tracks variance here.
 
@@ -46,7 +60,7 @@ def invariant_axes(tree: chex.ArrayTree, axis_name: Any) -> tuple[Any, ...]:
   return tuple(
     name
     for name in tracked_axes(axis_name)
-    if any(name not in jax.typeof(leaf).manual_axis_type.varying for leaf in leaves)
+    if any(name not in varying_axes(leaf) for leaf in leaves)
   )
 
 
@@ -83,12 +97,7 @@ def to_varying(tree: chex.ArrayTree, axis_name: Any) -> chex.ArrayTree:
     Generalization, ICLR 2021, Section 4.1 (m-sharpness).
   """
   names = tracked_axes(axis_name)
-
-  def cast(leaf):
-    missing = tuple(n for n in names if n not in jax.typeof(leaf).manual_axis_type.varying)
-    return jax.lax.pcast(leaf, missing, to="varying") if missing else leaf
-
-  return jax.tree.map(cast, tree)
+  return jax.tree.map(lambda leaf: cast_varying(leaf, names), tree)
 
 
 def barrier(tree: Any) -> Any:
@@ -101,8 +110,7 @@ def barrier(tree: Any) -> Any:
   leaves, treedef = jax.tree.flatten(tree)
   groups: dict[frozenset[Any], list[int]] = {}
   for i, x in enumerate(leaves):
-    kind = jax.typeof(x).manual_axis_type
-    groups.setdefault(frozenset() if kind is None else kind.varying, []).append(i)
+    groups.setdefault(varying_axes(x), []).append(i)
   out = list(leaves)
   for positions in groups.values():
     for i, x in zip(positions, jax.lax.optimization_barrier([leaves[i] for i in positions])):
