@@ -15,7 +15,7 @@ from asam_jax import _validation
 from asam_jax._ascent import ScalarOrSchedule, make_ascent
 from asam_jax._masks import Mask
 from asam_jax._random_sam import check_key
-from asam_jax._sam import ascend, like
+from asam_jax._sam import ascend, diagnostics, like
 
 
 class ESAMState(NamedTuple):
@@ -196,7 +196,7 @@ def esam(
         clean = out[0] if has_aux else out
       climb["last"] = _selected_gradient(loss_fn, has_aux, clean, gamma)
     up = ascend(ascent, updates, params, loss_fn, state.count, loss_scale=loss_scale, **climb)
-    stats = up.layout.mean((up.loss.astype(jnp.float32), up.reached.astype(jnp.float32)))
+    stats = diagnostics(up.layout, up.loss, up.reached)
     new_state = ESAMState(numerics.safe_increment(state.count), next_key, *stats)
     return like(up.layout.finish(up.perturbed_grads), updates, params), new_state
 

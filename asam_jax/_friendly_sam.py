@@ -14,7 +14,7 @@ from asam_jax import _validation
 from asam_jax._ascent import ScalarOrSchedule, make_ascent
 from asam_jax._masks import Mask
 from asam_jax._maximizer import real_gradient
-from asam_jax._sam import ascend, like
+from asam_jax._sam import ascend, diagnostics, like
 
 
 class FriendlySAMState(NamedTuple):
@@ -147,7 +147,7 @@ def friendly_sam(
       return jnp.where(finite, new, m).astype(m.dtype)
 
     momentum = jax.tree.map(mean_of, state.momentum, g)
-    stats = up.layout.mean((up.loss.astype(jnp.float32), up.reached.astype(jnp.float32)))
+    stats = diagnostics(up.layout, up.loss, up.reached)
     new_state = FriendlySAMState(numerics.safe_increment(state.count), momentum, *stats)
     return like(up.layout.finish(up.perturbed_grads), updates, params), new_state
 

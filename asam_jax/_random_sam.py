@@ -12,7 +12,7 @@ from optax._src import numerics
 
 from asam_jax._ascent import ScalarOrSchedule, make_ascent
 from asam_jax._masks import Mask
-from asam_jax._sam import ascend, like
+from asam_jax._sam import ascend, diagnostics, like
 
 
 class RandomSAMState(NamedTuple):
@@ -146,8 +146,8 @@ def random_sam(
       clean=False,
       first=sphere,
     )
-    loss, reached = up.layout.mean((up.loss.astype(jnp.float32), up.reached.astype(jnp.float32)))
-    new_state = RandomSAMState(numerics.safe_increment(state.count), next_key, loss, reached)
+    stats = diagnostics(up.layout, up.loss, up.reached)
+    new_state = RandomSAMState(numerics.safe_increment(state.count), next_key, *stats)
     return like(up.layout.finish(up.perturbed_grads), updates, params), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -53,10 +53,16 @@ def fresh_state(ascent: Ascent, params: Any) -> SAMState:
   return SAMState(jnp.zeros([], jnp.int32), zero, zero)
 
 
+def diagnostics(
+  layout: Layout, loss: chex.Array, reached: chex.Array
+) -> tuple[chex.Array, chex.Array]:
+  """A state's ``perturbed_loss`` and ``perturbation_norm``: float32, averaged over the devices."""
+  return layout.mean((loss.astype(jnp.float32), reached.astype(jnp.float32)))
+
+
 def next_state(state: SAMState, layout: Layout, loss: chex.Array, reached: chex.Array) -> SAMState:
   """The state after an update: the count advanced, the diagnostics averaged over devices."""
-  stats = layout.mean((loss.astype(jnp.float32), reached.astype(jnp.float32)))
-  return SAMState(numerics.safe_increment(state.count), *stats)
+  return SAMState(numerics.safe_increment(state.count), *diagnostics(layout, loss, reached))
 
 
 def like(tree: Any, reference: Any, params: Any) -> Any:
