@@ -222,16 +222,17 @@ def _rewrite(source: str, text: str, api: dict[str, str]) -> tuple[str, set[str]
     if not resolved.is_relative_to(ROOT):
       return match.group(0)  # myst says where it points
     rel = resolved.relative_to(ROOT).as_posix()
-    if resolved.suffix == ".md" and resolved.is_relative_to(DOCS):
-      # One of the site's own pages (the README links docs/index.md), which Sphinx builds
-      # where it is: copied, its links into generated/ would be copied in turn, one level
-      # deeper at every build.
-      new = os.path.relpath(resolved, page_dir)
-      return f"[{label}]({Path(new).as_posix()}{'#' + anchor if anchor else ''})"
     if resolved.suffix == ".md" and resolved.is_file():
-      found.add(rel)
-      new = os.path.relpath(GENERATED / f"{_page_of(rel)}.md", page_dir)
-      return f"[{label}]({Path(new).as_posix()}{'#' + anchor if anchor else ''})"
+      if resolved.is_relative_to(DOCS):
+        # One of the site's own pages (the README links docs/index.md), which Sphinx builds
+        # where it is: copied, its links into generated/ would be copied in turn, one level
+        # deeper at every build.
+        page = resolved
+      else:
+        found.add(rel)
+        page = GENERATED / f"{_page_of(rel)}.md"
+      new = Path(os.path.relpath(page, page_dir)).as_posix()
+      return f"[{label}]({new}{'#' + anchor if anchor else ''})"
     if resolved.is_dir():
       # A folder is no page and no download: its path, as text.
       return label if label.strip("`") != path else f"`{rel}/`"
